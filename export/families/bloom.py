@@ -1,0 +1,167 @@
+"""BLOOMZ / BLOOM: one decoder graph with a KV cache; ALiBi positions come from the attention mask, so
+left-padded batches need no position ids."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from onnx import TensorProto
+
+from ..graph import Graph, WeightFile
+from . import Family, register_family
+from .common import cache_fields, compare, weights_of
+
+
+def _layer_norm(graph: Graph, x: str, name: str, w: dict, eps: float) -> str:
+    return graph.op("LayerNormalization", [x, graph.weight(f"{name}.weight", w[f"{name}.weight"]),
+                                           graph.weight(f"{name}.bias", w[f"{name}.bias"])], axis=-1, epsilon=eps)
+
+
+def _alibi_slopes(num_heads: int) -> np.ndarray:
+    """transformers' own slopes: the bias of position 1 for every head."""
+    from transformers.models.bloom.modeling_bloom import build_alibi_tensor
+
+    alibi = build_alibi_tensor(torch.ones(1, 2, dtype=torch.long), num_heads, torch.float32)  # [heads, 1, 2]
+    return alibi[:, 0, 1].numpy().astype(np.float32)
+
+
+def build(model) -> tuple[list, dict]:
+    config = model.config
+    w = weights_of(model)
+    heads = config.n_head
+    hidden_size = config.hidden_size
+    head_dim = hidden_size // heads  # BLOOM's own definition; recorded in the manifest for the runtime
+    eps = config.layer_norm_epsilon
+    tied = config.tie_word_embeddings
+    graph = Graph("bloom_decoder", WeightFile("decoder.onnx.data"))
+    prefix = "transformer"
+
+    input_ids = graph.input("input_ids", TensorProto.INT64, ["batch", "new"])
+    attention_mask = graph.input("attention_mask", TensorProto.INT64, ["batch", "total"])
+    beam_idx = graph.input("beam_idx", TensorProto.INT64, ["batch"])
+    past = [(graph.input(f"past_key.{i}", TensorProto.FLOAT, ["past_batch", heads, "past", head_dim]),
+             graph.input(f"past_value.{i}", TensorProto.FLOAT, ["past_batch", heads, "past", head_dim]))
+            for i in range(config.n_layer)]
+    embedding = graph.weight(f"{prefix}.word_embeddings", w[f"{prefix}.word_embeddings.weight"])
+    x = graph.op("Gather", [embedding, input_ids], axis=0)  # [batch, new, hidden]
+    x = _layer_norm(graph, x, f"{prefix}.word_embeddings_layernorm", w, eps)
+
+    zero, one = graph.const(0), graph.const(1)
+    # ALiBi: bias = slope[head] * (number of real tokens before the key); [batch, heads, 1, total]
+    mask_float = graph.op("Cast", [attention_mask], to=TensorProto.FLOAT)
+    key_positions = graph.op("Mul", [graph.op("Sub", [graph.op("CumSum", [mask_float, one]),
+                                                      graph.const(np.float32(1), np.float32)]), mask_float])
+    slopes = graph.weight("alibi_slopes", _alibi_slopes(heads).reshape(1, heads, 1, 1))
+    alibi = graph.op("Mul", [slopes, graph.op("Unsqueeze", [key_positions, graph.const([1, 2])])])
+    # allowed[b, 1, q, k] = key is real and not in the future of the query
+    past_length = graph.shape_dim(past[0][0], 2)
+    new_length = graph.shape_dim(input_ids, 1)
+    total_length = graph.op("Add", [past_length, new_length])
+    query = graph.op("Range", [graph.op("Squeeze", [past_length]), graph.op("Squeeze", [total_length]),
+                               graph.op("Squeeze", [one])])
+    key = graph.op("Range", [graph.op("Squeeze", [zero]), graph.op("Squeeze", [total_length]),
+                             graph.op("Squeeze", [one])])
+    causal = graph.op("LessOrEqual", [graph.op("Unsqueeze", [key, zero]), graph.op("Unsqueeze", [query, one])])
+    real_key = graph.op("Cast", [graph.op("Unsqueeze", [attention_mask, graph.const([1, 2])])], to=TensorProto.BOOL)
+    allowed = graph.op("And", [causal, real_key])  # [batch, 1, q, k]
+
+    presents = []
+    for i in range(config.n_layer):
+        p = f"{prefix}.h.{i}"
+        normed = _layer_norm(graph, x, f"{p}.input_layernorm", w, eps)
+        residual = normed if config.apply_residual_connection_post_layernorm else x
+        # The fused QKV rows are interleaved per head (head, q/k/v, d): regroup them as (q/k/v, head, d).
+        qkv_weight = w[f"{p}.self_attention.query_key_value.weight"].reshape(heads, 3, head_dim, hidden_size)
+        qkv_weight = qkv_weight.transpose(1, 0, 2, 3).reshape(3 * hidden_size, hidden_size)
+        qkv_bias = w[f"{p}.self_attention.query_key_value.bias"].reshape(heads, 3, head_dim)
+        qkv_bias = qkv_bias.transpose(1, 0, 2).reshape(3 * hidden_size)
+        qkv = graph.matmul(normed, f"{p}.self_attention.query_key_value", qkv_weight, qkv_bias)
+        q, k, v = [graph.split_heads(part, heads, head_dim) for part in
+                   graph.op("Split", [qkv, graph.const([hidden_size] * 3)], outputs=3, axis=-1)]
+        # Reorder the cache for beam search inside the graph: the concat copies it anyway.
+        k = graph.op("Concat", [graph.op("Gather", [past[i][0], beam_idx], axis=0), k], axis=2)
+        v = graph.op("Concat", [graph.op("Gather", [past[i][1], beam_idx], axis=0), v], axis=2)
+        presents.append((k, v))
+        context = graph.merge_heads(graph.attend(q, k, v, alibi, allowed, 1.0 / np.sqrt(head_dim)), heads, head_dim)
+        attention = graph.matmul(context, f"{p}.self_attention.dense", w[f"{p}.self_attention.dense.weight"],
+                                 w[f"{p}.self_attention.dense.bias"])
+        x = graph.op("Add", [attention, residual])
+        normed = _layer_norm(graph, x, f"{p}.post_attention_layernorm", w, eps)
+        residual = normed if config.apply_residual_connection_post_layernorm else x
+        up = graph.matmul(normed, f"{p}.mlp.dense_h_to_4h", w[f"{p}.mlp.dense_h_to_4h.weight"],
+                          w[f"{p}.mlp.dense_h_to_4h.bias"])
+        down = graph.matmul(graph.gelu_tanh(up), f"{p}.mlp.dense_4h_to_h", w[f"{p}.mlp.dense_4h_to_h.weight"],
+                            w[f"{p}.mlp.dense_4h_to_h.bias"])
+        x = graph.op("Add", [down, residual])
+
+    last = graph.op("Gather", [x, graph.op("Sub", [graph.op("Squeeze", [new_length]), one])], axis=1)  # [b, h]
+    hidden = _layer_norm(graph, last, f"{prefix}.ln_f", w, eps)
+    if tied:
+        # Gemm with transB reads the embedding as stored: the tied weight is kept once.
+        logits = graph.op("Gemm", [hidden, embedding], transB=1)
+    else:
+        logits = graph.matmul(hidden, "lm_head", w["lm_head.weight"])
+    graph.output(logits, "logits", TensorProto.FLOAT, ["batch", config.vocab_size])
+    for i, (k, v) in enumerate(presents):
+        graph.output(k, f"present_key.{i}", TensorProto.FLOAT, ["batch", heads, "total", head_dim])
+        graph.output(v, f"present_value.{i}", TensorProto.FLOAT, ["batch", heads, "total", head_dim])
+    fields = {
+        "cache": cache_fields(config.n_layer, heads, head_dim),
+        "hidden_size": hidden_size,
+        # transformers has stored BLOOM's cache as fused 3-D [batch*heads, d, seq] / [batch*heads, seq, d]
+        # and, later, 4-D; this graph's layout is the one in "cache", whatever transformers does.
+        "source_cache_layout_note": "graph cache is 4-D [batch, heads, sequence, head_dim] for keys and values",
+    }
+    return [(graph, "decoder.onnx", "decoder")], fields
+
+
+def validate(model, sessions: dict, fields: dict, rng: np.random.Generator) -> dict[str, dict]:
+    """Logits and presents against PyTorch on a left-padded batch, first step and with past."""
+    config = model.config
+    batch, prompt = 3, 6
+    input_ids = rng.integers(0, config.vocab_size, size=(batch, prompt + 1), dtype=np.int64)
+    attention_mask = np.ones_like(input_ids)
+    attention_mask[1, :2] = 0  # left padding
+    attention_mask[2, :4] = 0
+    with torch.no_grad():
+        reference = model(input_ids=torch.from_numpy(input_ids), attention_mask=torch.from_numpy(attention_mask),
+                          use_cache=True)
+    heads, head_dim = fields["cache"]["num_heads"], fields["cache"]["head_dim"]
+    empty = np.zeros((batch, heads, 0, head_dim), dtype=np.float32)
+    session = sessions["decoder"]
+    names = [o.name for o in session.get_outputs()]
+    feeds = {"input_ids": input_ids[:, :prompt], "attention_mask": attention_mask[:, :prompt],
+             "beam_idx": np.arange(batch, dtype=np.int64)}
+    for i in range(config.n_layer):
+        feeds[f"past_key.{i}"] = feeds[f"past_value.{i}"] = empty
+    out = dict(zip(names, session.run(None, feeds)))
+    diffs = {"decoder.logits.no_past": compare(out["logits"], reference.logits[:, prompt - 1].numpy())}
+    feeds = {"input_ids": input_ids[:, prompt:], "attention_mask": attention_mask,
+             "beam_idx": np.arange(batch, dtype=np.int64)}
+    for i in range(config.n_layer):
+        feeds[f"past_key.{i}"] = out[f"present_key.{i}"]
+        feeds[f"past_value.{i}"] = out[f"present_value.{i}"]
+    out = dict(zip(names, session.run(None, feeds)))
+    diffs["decoder.logits.with_past"] = compare(out["logits"], reference.logits[:, prompt].numpy())
+    real = attention_mask.astype(bool)[:, None, :, None]  # padded positions hold no meaningful cache
+    for i in range(config.n_layer):
+        key, value = _layer_cache(reference.past_key_values, i, batch, heads, head_dim)
+        diffs[f"decoder.present_key.{i}"] = compare(out[f"present_key.{i}"], key, np.broadcast_to(real, key.shape))
+        diffs[f"decoder.present_value.{i}"] = compare(out[f"present_value.{i}"], value,
+                                                      np.broadcast_to(real, value.shape))
+    return diffs
+
+
+def _layer_cache(cache, i: int, batch: int, heads: int, head_dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """transformers' cache for layer i as [batch, heads, seq, d], whichever layout this version uses."""
+    if hasattr(cache, "layers"):
+        key, value = cache.layers[i].keys.numpy(), cache.layers[i].values.numpy()
+    else:
+        key, value = cache[i][0].numpy(), cache[i][1].numpy()
+    if key.ndim == 3:  # old fused layout: key [batch*heads, d, seq], value [batch*heads, seq, d]
+        key = key.reshape(batch, heads, head_dim, -1).transpose(0, 1, 3, 2)
+        value = value.reshape(batch, heads, -1, head_dim)
+    return key, value
+
+
+register_family(Family(name="bloom", kind="decoder", model_types=("bloom",), build=build, validate=validate))

@@ -1,0 +1,257 @@
+"""mT0 / mT5 / T5: an encoder graph that also projects the cross-attention keys and values (once per
+request), and a decoder graph with a self-attention KV cache that takes those keys and values as inputs."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from onnx import TensorProto
+
+from ..errors import UnsupportedModelError
+from ..graph import Graph, WeightFile
+from . import Family, register_family
+from .common import cache_fields, compare, weights_of
+
+ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh", "gelu", "relu")
+
+
+def _rms_norm(graph: Graph, x: str, weight_name: str, weight: np.ndarray, eps: float) -> str:
+    # T5LayerNorm: x / sqrt(mean(x^2) + eps) * w, no mean subtraction, no bias
+    variance = graph.op("ReduceMean", [graph.op("Mul", [x, x])], axes=[-1], keepdims=1)
+    denominator = graph.op("Sqrt", [graph.op("Add", [variance, graph.const(np.float32(eps), np.float32)])])
+    return graph.op("Mul", [graph.op("Div", [x, denominator]), graph.weight(weight_name, weight)])
+
+
+def _activation(graph: Graph, x: str, name: str) -> str:
+    if name in ("gelu_new", "gelu_pytorch_tanh"):
+        return graph.gelu_tanh(x)
+    if name == "gelu":
+        return graph.op("Gelu", [x], domain="com.microsoft")
+    return graph.op("Relu", [x])
+
+
+def _feed_forward(graph: Graph, x: str, prefix: str, w: dict, config) -> str:
+    if config.is_gated_act:
+        gate = _activation(graph, graph.matmul(x, f"{prefix}.wi_0", w[f"{prefix}.wi_0.weight"]), config.dense_act_fn)
+        up = graph.matmul(x, f"{prefix}.wi_1", w[f"{prefix}.wi_1.weight"])
+        hidden = graph.op("Mul", [gate, up])
+    else:
+        hidden = _activation(graph, graph.matmul(x, f"{prefix}.wi", w[f"{prefix}.wi.weight"]), config.dense_act_fn)
+    return graph.matmul(hidden, f"{prefix}.wo", w[f"{prefix}.wo.weight"])
+
+
+def _bucket_table(bias_weight: np.ndarray, relative_positions: np.ndarray, bidirectional: bool, config) -> np.ndarray:
+    """Bias per relative position (key - query), computed by transformers' own bucket function."""
+    from transformers.models.t5.modeling_t5 import T5Attention
+
+    buckets = T5Attention._relative_position_bucket(
+        torch.from_numpy(relative_positions), bidirectional=bidirectional,
+        num_buckets=config.relative_attention_num_buckets, max_distance=config.relative_attention_max_distance,
+    ).numpy()
+    return np.ascontiguousarray(bias_weight[buckets])  # [positions, heads]
+
+
+def _relative_bias(graph: Graph, query_start: str, query_length: str, key_length: str, table_name: str,
+                   table: np.ndarray, offset: int, low: int, high: int, sign: int) -> str:
+    """Gather the bias table at clip(sign * (key - query), low, high) + offset; returns [1, heads, q, k]."""
+    zero, one = graph.const(0), graph.const(1)
+    query_end = graph.op("Add", [query_start, query_length])
+    query_positions = graph.op("Range", [graph.op("Squeeze", [query_start]), graph.op("Squeeze", [query_end]),
+                                         graph.op("Squeeze", [one])])
+    key_positions = graph.op("Range", [graph.op("Squeeze", [zero]), graph.op("Squeeze", [key_length]),
+                                       graph.op("Squeeze", [one])])
+    relative = graph.op("Sub", [graph.op("Unsqueeze", [key_positions, zero]),
+                                graph.op("Unsqueeze", [query_positions, one])])  # [q, k]
+    if sign < 0:
+        relative = graph.op("Neg", [relative])
+    index = graph.op("Add", [graph.op("Clip", [relative, graph.const(low), graph.const(high)]), graph.const(offset)])
+    bias = graph.op("Gather", [graph.weight(table_name, table), index], axis=0)  # [q, k, heads]
+    return graph.op("Unsqueeze", [graph.op("Transpose", [bias], perm=[2, 0, 1]), zero])
+
+
+def _attention_projections(graph: Graph, x: str, prefix: str, w: dict, heads: int, head_dim: int,
+                           names=("q", "k", "v")) -> list[str]:
+    return [graph.split_heads(graph.matmul(x, f"{prefix}.{n}", w[f"{prefix}.{n}.weight"]), heads, head_dim)
+            for n in names]
+
+
+def build(model) -> tuple[list, dict]:
+    config = model.config
+    if config.dense_act_fn not in ACTIVATIONS:
+        raise UnsupportedModelError(f"feed_forward_proj {config.feed_forward_proj!r} is not supported")
+    w = weights_of(model)
+    heads, head_dim, eps = config.num_heads, config.d_kv, config.layer_norm_epsilon
+    max_distance = config.relative_attention_max_distance
+    shared = WeightFile("embeddings.bin")
+    encoder = Graph("mt5_encoder", WeightFile("encoder.onnx.data"))
+    decoder = Graph("mt5_decoder", WeightFile("decoder.onnx.data"))
+    embedding = w["shared.weight"]
+
+    # Encoder: input_ids [batch, src] -> cross_key.i / cross_value.i [batch, heads, src, d] per decoder layer
+    input_ids = encoder.input("input_ids", TensorProto.INT64, ["batch", "source"])
+    attention_mask = encoder.input("attention_mask", TensorProto.INT64, ["batch", "source"])
+    x = encoder.op("Gather", [encoder.weight("shared", embedding, shared), input_ids], axis=0)  # [b, s, model]
+    allowed = encoder.op("Cast", [encoder.op("Unsqueeze", [attention_mask, encoder.const([1, 2])])],
+                         to=TensorProto.BOOL)  # [b, 1, 1, s]
+    source_length = encoder.shape_dim(input_ids, 1)
+    positions = np.arange(-max_distance, max_distance + 1, dtype=np.int64)
+    table = _bucket_table(w["encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"], positions,
+                          True, config)
+    bias = _relative_bias(encoder, encoder.const([0]), source_length, source_length, "encoder.relative_bias",
+                          table, max_distance, -max_distance, max_distance, 1)
+    for i in range(config.num_layers):
+        p = f"encoder.block.{i}.layer"
+        normed = _rms_norm(encoder, x, f"{p}.0.layer_norm", w[f"{p}.0.layer_norm.weight"], eps)
+        q, k, v = _attention_projections(encoder, normed, f"{p}.0.SelfAttention", w, heads, head_dim)
+        context = encoder.merge_heads(encoder.attend(q, k, v, bias, allowed, None), heads, head_dim)
+        x = encoder.op("Add", [x, encoder.matmul(context, f"{p}.0.SelfAttention.o", w[f"{p}.0.SelfAttention.o.weight"])])
+        normed = _rms_norm(encoder, x, f"{p}.1.layer_norm", w[f"{p}.1.layer_norm.weight"], eps)
+        x = encoder.op("Add", [x, _feed_forward(encoder, normed, f"{p}.1.DenseReluDense", w, config)])
+    hidden = _rms_norm(encoder, x, "encoder.final_layer_norm", w["encoder.final_layer_norm.weight"], eps)
+    cache_shape = ["batch", heads, "source", head_dim]
+    for i in range(config.num_decoder_layers):
+        p = f"decoder.block.{i}.layer.1.EncDecAttention"
+        key, value = _attention_projections(encoder, hidden, p, w, heads, head_dim, names=("k", "v"))
+        encoder.output(key, f"cross_key.{i}", TensorProto.FLOAT, cache_shape)
+        encoder.output(value, f"cross_value.{i}", TensorProto.FLOAT, cache_shape)
+
+    # Decoder: one or more new tokens against the self-attention cache and the cross keys/values
+    input_ids = decoder.input("input_ids", TensorProto.INT64, ["batch", "new"])
+    encoder_mask = decoder.input("encoder_attention_mask", TensorProto.INT64, ["batch", "source"])
+    beam_idx = decoder.input("beam_idx", TensorProto.INT64, ["batch"])
+    past = [(decoder.input(f"past_key.{i}", TensorProto.FLOAT, ["past_batch", heads, "past", head_dim]),
+             decoder.input(f"past_value.{i}", TensorProto.FLOAT, ["past_batch", heads, "past", head_dim]))
+            for i in range(config.num_decoder_layers)]
+    cross = [(decoder.input(f"cross_key.{i}", TensorProto.FLOAT, cache_shape),
+              decoder.input(f"cross_value.{i}", TensorProto.FLOAT, cache_shape))
+             for i in range(config.num_decoder_layers)]
+    x = decoder.op("Gather", [decoder.weight("shared", embedding, shared), input_ids], axis=0)
+    cross_allowed = decoder.op("Cast", [decoder.op("Unsqueeze", [encoder_mask, decoder.const([1, 2])])],
+                               to=TensorProto.BOOL)
+    past_length = decoder.shape_dim(past[0][0], 2)
+    new_length = decoder.shape_dim(input_ids, 1)
+    total_length = decoder.op("Add", [past_length, new_length])
+    # The decoder's bias depends on max(query - key, 0) only; beyond max_distance it is constant.
+    distances = -np.arange(0, max_distance + 1, dtype=np.int64)
+    table = _bucket_table(w["decoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"], distances,
+                          False, config)
+    self_bias = _relative_bias(decoder, past_length, new_length, total_length, "decoder.relative_bias",
+                               table, 0, 0, max_distance, -1)
+    causal = decoder.op("GreaterOrEqual", [self_bias_positions(decoder, past_length, new_length, total_length),
+                                           decoder.const(0)])
+    presents = []
+    for i in range(config.num_decoder_layers):
+        p = f"decoder.block.{i}.layer"
+        normed = _rms_norm(decoder, x, f"{p}.0.layer_norm", w[f"{p}.0.layer_norm.weight"], eps)
+        q, k, v = _attention_projections(decoder, normed, f"{p}.0.SelfAttention", w, heads, head_dim)
+        # Reorder the cache for beam search inside the graph: the concat copies it anyway.
+        k = decoder.op("Concat", [decoder.op("Gather", [past[i][0], beam_idx], axis=0), k], axis=2)
+        v = decoder.op("Concat", [decoder.op("Gather", [past[i][1], beam_idx], axis=0), v], axis=2)
+        presents.append((k, v))
+        context = decoder.merge_heads(decoder.attend(q, k, v, self_bias, causal, None), heads, head_dim)
+        x = decoder.op("Add", [x, decoder.matmul(context, f"{p}.0.SelfAttention.o", w[f"{p}.0.SelfAttention.o.weight"])])
+        normed = _rms_norm(decoder, x, f"{p}.1.layer_norm", w[f"{p}.1.layer_norm.weight"], eps)
+        (q,) = _attention_projections(decoder, normed, f"{p}.1.EncDecAttention", w, heads, head_dim, names=("q",))
+        context = decoder.merge_heads(decoder.attend(q, cross[i][0], cross[i][1], None, cross_allowed, None),
+                                      heads, head_dim)
+        x = decoder.op("Add", [x, decoder.matmul(context, f"{p}.1.EncDecAttention.o", w[f"{p}.1.EncDecAttention.o.weight"])])
+        normed = _rms_norm(decoder, x, f"{p}.2.layer_norm", w[f"{p}.2.layer_norm.weight"], eps)
+        x = decoder.op("Add", [x, _feed_forward(decoder, normed, f"{p}.2.DenseReluDense", w, config)])
+    # Only the last position's logits are needed to generate: [batch, model]
+    last = decoder.op("Gather", [x, decoder.op("Sub", [decoder.op("Squeeze", [new_length]), decoder.const(1)])],
+                      axis=1)
+    hidden = _rms_norm(decoder, last, "decoder.final_layer_norm", w["decoder.final_layer_norm.weight"], eps)
+    if config.tie_word_embeddings:
+        hidden = decoder.op("Mul", [hidden, decoder.const(np.float32(config.d_model ** -0.5), np.float32)])
+        logits = decoder.op("Gemm", [hidden, decoder.weight("shared", embedding, shared)], transB=1)
+    else:
+        logits = decoder.matmul(hidden, "lm_head", w["lm_head.weight"])
+    decoder.output(logits, "logits", TensorProto.FLOAT, ["batch", config.vocab_size])
+    for i, (k, v) in enumerate(presents):
+        decoder.output(k, f"present_key.{i}", TensorProto.FLOAT, ["batch", heads, "total", head_dim])
+        decoder.output(v, f"present_value.{i}", TensorProto.FLOAT, ["batch", heads, "total", head_dim])
+
+    fields = {
+        "cache": cache_fields(config.num_decoder_layers, heads, head_dim),
+        "cross_cache": {
+            "num_layers": config.num_decoder_layers, "num_heads": heads, "head_dim": head_dim,
+            "key": "cross_key.{layer}", "value": "cross_value.{layer}",
+            "axes": ["batch", "heads", "source", "head_dim"],
+        },
+        "hidden_size": config.d_model,
+    }
+    return [(encoder, "encoder.onnx", "encoder"), (decoder, "decoder.onnx", "decoder")], fields
+
+
+def self_bias_positions(graph: Graph, past_length: str, new_length: str, total_length: str) -> str:
+    """(query position - key position) as [q, k]; negative where the key is in the future."""
+    zero, one = graph.const(0), graph.const(1)
+    query = graph.op("Range", [graph.op("Squeeze", [past_length]), graph.op("Squeeze", [total_length]),
+                               graph.op("Squeeze", [one])])
+    key = graph.op("Range", [graph.op("Squeeze", [zero]), graph.op("Squeeze", [total_length]),
+                             graph.op("Squeeze", [one])])
+    return graph.op("Sub", [graph.op("Unsqueeze", [query, one]), graph.op("Unsqueeze", [key, zero])])
+
+
+def validate(model, sessions: dict, fields: dict, rng: np.random.Generator) -> dict[str, dict]:
+    """Encoder outputs and decoder logits/presents against PyTorch, first step and with past, padded batch."""
+    config = model.config
+    batch, source = 3, 7
+    input_ids = rng.integers(0, config.vocab_size, size=(batch, source), dtype=np.int64)
+    attention_mask = np.ones_like(input_ids)
+    attention_mask[1, 5:] = 0  # a padded row
+    attention_mask[2, 3:] = 0
+    encoder_out = sessions["encoder"].run(None, {"input_ids": input_ids, "attention_mask": attention_mask})
+    names = [o.name for o in sessions["encoder"].get_outputs()]
+    onnx_cross = dict(zip(names, encoder_out))
+    decoder_ids = rng.integers(0, config.vocab_size, size=(batch, 4), dtype=np.int64)
+    decoder_ids[:, 0] = config.decoder_start_token_id
+    with torch.no_grad():
+        reference = model(input_ids=torch.from_numpy(input_ids), attention_mask=torch.from_numpy(attention_mask),
+                          decoder_input_ids=torch.from_numpy(decoder_ids), use_cache=True)
+    diffs: dict[str, float] = {}
+    cache = reference.past_key_values
+    layers = config.num_decoder_layers
+    for i in range(layers):
+        cross_key, cross_value = _cross_layer(cache, i)
+        diffs[f"encoder.cross_key.{i}"] = compare(onnx_cross[f"cross_key.{i}"], cross_key)
+        diffs[f"encoder.cross_value.{i}"] = compare(onnx_cross[f"cross_value.{i}"], cross_value)
+    heads, head_dim = config.num_heads, config.d_kv
+    empty = np.zeros((batch, heads, 0, head_dim), dtype=np.float32)
+    feeds = {"encoder_attention_mask": attention_mask, "beam_idx": np.arange(batch, dtype=np.int64)}
+    for i in range(layers):
+        feeds[f"past_key.{i}"] = feeds[f"past_value.{i}"] = empty
+        feeds[f"cross_key.{i}"] = onnx_cross[f"cross_key.{i}"]
+        feeds[f"cross_value.{i}"] = onnx_cross[f"cross_value.{i}"]
+    # Without past: three tokens at once; with past: the fourth token on top of them.
+    first = dict(feeds, input_ids=decoder_ids[:, :3])
+    out = dict(zip([o.name for o in sessions["decoder"].get_outputs()], sessions["decoder"].run(None, first)))
+    diffs["decoder.logits.no_past"] = compare(out["logits"], reference.logits[:, 2].numpy())
+    second = dict(feeds, input_ids=decoder_ids[:, 3:])
+    for i in range(layers):
+        second[f"past_key.{i}"] = out[f"present_key.{i}"]
+        second[f"past_value.{i}"] = out[f"present_value.{i}"]
+    out = dict(zip([o.name for o in sessions["decoder"].get_outputs()], sessions["decoder"].run(None, second)))
+    diffs["decoder.logits.with_past"] = compare(out["logits"], reference.logits[:, 3].numpy())
+    for i in range(layers):
+        self_key, self_value = _self_layer(cache, i)
+        diffs[f"decoder.present_key.{i}"] = compare(out[f"present_key.{i}"], self_key)
+        diffs[f"decoder.present_value.{i}"] = compare(out[f"present_value.{i}"], self_value)
+    return diffs
+
+
+def _self_layer(cache, i: int):
+    layer = cache.self_attention_cache.layers[i] if hasattr(cache, "self_attention_cache") else None
+    if layer is not None:
+        return layer.keys.numpy(), layer.values.numpy()
+    return cache[i][0].numpy(), cache[i][1].numpy()
+
+
+def _cross_layer(cache, i: int):
+    layer = cache.cross_attention_cache.layers[i] if hasattr(cache, "cross_attention_cache") else None
+    if layer is not None:
+        return layer.keys.numpy(), layer.values.numpy()
+    return cache[i][2].numpy(), cache[i][3].numpy()
+
+
+register_family(Family(name="mt5", kind="seq2seq", model_types=("mt5", "t5"), build=build, validate=validate))

@@ -1,0 +1,4 @@
+"""xmtf_onnx.runtime: run exported mT0 / BLOOMZ folders with onnxruntime + numpy + tokenizers only."""
+
+from .errors import (GenerationInputError, InferenceError, ManifestError, ProviderUnavailableError,
+                     UnsupportedModelError, XmtfError)

@@ -1,0 +1,114 @@
+"""The contract between export and runtime: `xmtf_manifest.json` in every exported folder."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import mmap
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import ManifestError
+
+MANIFEST_NAME = "xmtf_manifest.json"
+FORMAT_VERSION = 1
+KINDS = ("seq2seq", "decoder")
+ROLES = {"seq2seq": ("encoder", "decoder"), "decoder": ("decoder",)}
+
+
+def sha256_of(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        if os.fstat(handle.fileno()).st_size == 0:
+            return digest.hexdigest()
+        with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as view:
+            digest.update(view)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class Manifest:
+    folder: str
+    data: dict[str, Any]
+
+    @property
+    def kind(self) -> str:
+        return self.data["kind"]
+
+    @property
+    def cache(self) -> dict[str, Any]:
+        return self.data["cache"]
+
+    @property
+    def tokens(self) -> dict[str, Any]:
+        return self.data["tokens"]
+
+    @property
+    def variants(self) -> dict[str, Any]:
+        return self.data["variants"]
+
+    def variant(self, name: str) -> dict[str, Any]:
+        if name not in self.variants:
+            raise ManifestError(
+                f"{self.folder} has no variant {name!r}; it has {', '.join(self.variants)}. "
+                f"Add one with `xmtf-onnx quantize {self.folder} --mode MODE`."
+            )
+        return self.variants[name]
+
+    def path(self, relative: str) -> str:
+        return os.path.join(self.folder, relative)
+
+    def verify_files(self, variant: str, check_hashes: bool = True) -> None:
+        """Every file the variant needs exists with the recorded size (and sha256); lists all problems."""
+        problems = []
+        for role, entry in self.variant(variant)["files"].items():
+            for item in [entry, *entry.get("data", [])]:
+                path = self.path(item["path"])
+                if not os.path.isfile(path):
+                    problems.append(f"{item['path']} ({role}) is missing")
+                elif os.path.getsize(path) != item["bytes"]:
+                    problems.append(f"{item['path']} ({role}) has {os.path.getsize(path)} bytes, "
+                                    f"the manifest says {item['bytes']}")
+                elif check_hashes and sha256_of(path) != item["sha256"]:
+                    problems.append(f"{item['path']} ({role}) does not match its sha256")
+        if problems:
+            raise ManifestError(
+                f"{self.folder} is incomplete or corrupted: " + "; ".join(problems)
+                + ". Export it again (xmtf-onnx export MODEL OUTPUT --force)."
+            )
+
+
+def read_manifest(folder: str | os.PathLike) -> Manifest:
+    folder = os.fspath(folder)
+    path = os.path.join(folder, MANIFEST_NAME)
+    if not os.path.isdir(folder):
+        raise ManifestError(f"{folder} is not a folder; pass the folder written by `xmtf-onnx export`.")
+    if not os.path.isfile(path):
+        raise ManifestError(f"{folder} has no {MANIFEST_NAME}; it was not written by `xmtf-onnx export`. "
+                            "Export the model first: xmtf-onnx export MODEL OUTPUT.")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = json.load(handle)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ManifestError(f"{path} cannot be read as JSON ({e}); export the model again.") from e
+    if not isinstance(data, dict):
+        raise ManifestError(f"{path} is not a JSON object; export the model again.")
+    version = data.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ManifestError(
+            f"{path} has format_version {version!r}; this runtime reads version {FORMAT_VERSION}. "
+            "Re-export with the same xmtf-onnx version as the runtime, or upgrade both together."
+        )
+    missing = [key for key in ("kind", "family", "variants", "cache", "tokens", "io") if key not in data]
+    if missing:
+        raise ManifestError(f"{path} lacks {', '.join(missing)}; export the model again.")
+    if data["kind"] not in KINDS:
+        raise ManifestError(f"{path} has kind {data['kind']!r}; this runtime runs {', '.join(KINDS)}.")
+    return Manifest(folder, data)
+
+
+def write_manifest(folder: str, data: dict[str, Any]) -> None:
+    with open(os.path.join(folder, MANIFEST_NAME), "w", encoding="utf-8") as handle:
+        json.dump(data, handle, indent=2, sort_keys=False)
+        handle.write("\n")
