@@ -2,3 +2,7 @@
 
 from .errors import (GenerationInputError, InferenceError, ManifestError, ProviderUnavailableError,
                      UnsupportedModelError, XmtfError)
+from .model import GenerationOutput, Model, load
+
+__all__ = ["load", "Model", "GenerationOutput", "XmtfError", "ManifestError", "UnsupportedModelError",
+           "ProviderUnavailableError", "GenerationInputError", "InferenceError"]

@@ -36,14 +36,15 @@ def make_session(path: str, provider: str = "cpu", threads: int | None = None,
     sessions is shared by them (mT0's encoder and decoder share the embedding this way).
     """
     provider_name = resolve_provider(provider)
-    options = options or ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if options is None:
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.log_severity_level = 3
     if threads is not None:
         if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
             raise ProviderUnavailableError(f"threads must be a positive integer, not {threads!r}")
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
-    options.log_severity_level = 3
     for name, value in (initializers or {}).items():
         options.add_initializer(name, value)
     providers = [provider_name] if provider_name == "CPUExecutionProvider" else [provider_name,

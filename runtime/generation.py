@@ -1,0 +1,294 @@
+"""Token selection with transformers' semantics: logits processors, greedy / sampling, beam search.
+
+Each function mirrors its transformers counterpart (generation/utils.py, logits_process.py) closely
+enough that greedy and beam outputs are token-for-token equal on the same logits.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import numpy as np
+
+NEG_INF = -np.inf
+BEAM_FILL = -1.0e9  # transformers' "impossible" beam score
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    max_new_tokens: int
+    min_new_tokens: int
+    eos_token_id: tuple[int, ...]
+    pad_token_id: int
+    stop_strings: tuple[str, ...]
+    num_beams: int
+    length_penalty: float
+    early_stopping: bool | str
+    num_return_sequences: int
+    no_repeat_ngram_size: int
+    repetition_penalty: float
+    do_sample: bool
+    temperature: float
+    top_k: int
+    top_p: float
+    seed: int | None
+    output_scores: bool
+
+
+@dataclass
+class Hypothesis:
+    tokens: list[int]
+    score: float
+    token_scores: list[float] | None = None
+
+
+@dataclass
+class StepTimer:
+    prefill_seconds: float = 0.0
+    step_seconds: list[float] = field(default_factory=list)
+
+
+# ---- logits processors: scores [rows, vocab], history [rows, length] -> scores (in place) ----
+
+def apply_repetition_penalty(scores: np.ndarray, history: np.ndarray, penalty: float) -> None:
+    rows = np.arange(scores.shape[0])[:, None]
+    picked = scores[rows, history]
+    scores[rows, history] = np.where(picked < 0, picked * penalty, picked / penalty)
+
+
+def banned_ngram_tokens(history: np.ndarray, size: int) -> list[list[int]]:
+    """For each row, the tokens that would repeat an n-gram already in its history."""
+    banned = []
+    length = history.shape[1]
+    for row in history.tolist():
+        if length + 1 < size:
+            banned.append([])
+            continue
+        prefix = tuple(row[length + 1 - size:])
+        banned.append([row[i + size - 1] for i in range(length - size + 1) if tuple(row[i:i + size - 1]) == prefix])
+    return banned
+
+
+def apply_no_repeat_ngram(scores: np.ndarray, history: np.ndarray, size: int) -> None:
+    for row, tokens in enumerate(banned_ngram_tokens(history, size)):
+        if tokens:
+            scores[row, tokens] = NEG_INF
+
+
+def apply_min_new_tokens(scores: np.ndarray, generated: int, config: GenerationConfig) -> None:
+    if generated < config.min_new_tokens and config.eos_token_id:
+        scores[:, list(config.eos_token_id)] = NEG_INF
+
+
+def process(scores: np.ndarray, history: np.ndarray, generated: int, config: GenerationConfig) -> np.ndarray:
+    """transformers' processor order: repetition penalty, no-repeat n-gram, min new tokens."""
+    if config.repetition_penalty != 1.0:
+        apply_repetition_penalty(scores, history, config.repetition_penalty)
+    if config.no_repeat_ngram_size > 0:
+        apply_no_repeat_ngram(scores, history, config.no_repeat_ngram_size)
+    apply_min_new_tokens(scores, generated, config)
+    return scores
+
+
+def warp(scores: np.ndarray, config: GenerationConfig) -> np.ndarray:
+    """Sampling warpers in transformers' order: temperature, top-k, top-p."""
+    if config.temperature != 1.0:
+        scores = scores / np.float32(config.temperature)
+    if config.top_k > 0:
+        k = min(config.top_k, scores.shape[-1])
+        kth = np.partition(scores, -k, axis=-1)[:, -k][:, None]
+        scores = np.where(scores < kth, NEG_INF, scores)
+    if config.top_p < 1.0:
+        order = np.argsort(scores, axis=-1, kind="stable")  # ascending, as transformers sorts
+        sorted_scores = np.take_along_axis(scores, order, axis=-1)
+        cumulative = np.cumsum(softmax(sorted_scores), axis=-1)
+        remove_sorted = cumulative <= (1 - config.top_p)
+        remove_sorted[:, -1] = False  # keep at least one token
+        remove = np.zeros_like(remove_sorted)
+        np.put_along_axis(remove, order, remove_sorted, axis=-1)
+        scores = np.where(remove, NEG_INF, scores)
+    return scores
+
+
+def softmax(scores: np.ndarray) -> np.ndarray:
+    shifted = np.exp(scores - scores.max(axis=-1, keepdims=True))
+    return shifted / shifted.sum(axis=-1, keepdims=True)
+
+
+def log_softmax(scores: np.ndarray) -> np.ndarray:
+    maximum = scores.max(axis=-1, keepdims=True)
+    shifted = scores - maximum
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+
+def topk_sorted(values: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the k largest per row, largest first. values [rows, n] -> [rows, k]"""
+    if k >= values.shape[1]:
+        return np.argsort(-values, axis=1, kind="stable")
+    part = np.argpartition(-values, k - 1, axis=1)[:, :k]
+    order = np.argsort(-np.take_along_axis(values, part, axis=1), axis=1, kind="stable")
+    return np.take_along_axis(part, order, axis=1)
+
+
+# ---- greedy and sampling ----
+
+def sample_tokens(runner, state, config: GenerationConfig, stop_check: Callable | None,
+                  timer: StepTimer) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Greedy or multinomial decoding; yields (tokens [rows], still running before this step [rows]).
+
+    Finished rows keep producing pad_token_id, as in transformers, and are not reported as running.
+    """
+    rng = np.random.default_rng(config.seed)
+    history = runner.history(state)  # [rows, length]
+    rows = history.shape[0]
+    running = np.ones(rows, dtype=bool)
+    eos = np.array(config.eos_token_id, dtype=np.int64)
+    began = time.perf_counter()
+    logits = runner.prefill(state)  # [rows, vocab]
+    timer.prefill_seconds = time.perf_counter() - began
+    for generated in range(config.max_new_tokens):
+        scores = process(logits.astype(np.float32, copy=True), history, generated, config)
+        if config.do_sample:
+            scores = warp(scores, config)
+            probabilities = softmax(scores.astype(np.float64))
+            tokens = np.array([rng.choice(p.shape[0], p=p) for p in probabilities], dtype=np.int64)
+        else:
+            tokens = np.argmax(scores, axis=-1).astype(np.int64)
+        token_scores = (np.take_along_axis(log_softmax(scores), tokens[:, None], axis=1)[:, 0]
+                        if config.output_scores else None)
+        tokens = np.where(running, tokens, config.pad_token_id)
+        history = np.concatenate([history, tokens[:, None]], axis=1)
+        was_running = running.copy()
+        running &= ~np.isin(tokens, eos)
+        if stop_check is not None:
+            running &= ~stop_check(history, generated + 1)
+        yield tokens, was_running, token_scores
+        if not running.any() or generated + 1 == config.max_new_tokens:
+            return
+        began = time.perf_counter()
+        logits = runner.decode_step(state, tokens, np.arange(rows, dtype=np.int64))
+        timer.step_seconds.append(time.perf_counter() - began)
+
+
+def run_sampling(runner, state, config: GenerationConfig, stop_check, timer: StepTimer) -> list[Hypothesis]:
+    rows = runner.history(state).shape[0]
+    hypotheses = [Hypothesis([], 0.0, [] if config.output_scores else None) for _ in range(rows)]
+    for tokens, running, token_scores in sample_tokens(runner, state, config, stop_check, timer):
+        for row in np.flatnonzero(running):
+            hypothesis = hypotheses[row]
+            hypothesis.tokens.append(int(tokens[row]))
+            if token_scores is not None:
+                hypothesis.score += float(token_scores[row])
+                hypothesis.token_scores.append(float(token_scores[row]))
+    return hypotheses
+
+
+# ---- beam search (transformers' vectorised _beam_search) ----
+
+def run_beam_search(runner, state, config: GenerationConfig, stop_check, timer: StepTimer) -> list[Hypothesis]:
+    rng = np.random.default_rng(config.seed)
+    num_beams = config.num_beams
+    prompt = runner.history(state)  # [batch*beams, prompt_length]
+    rows, prompt_length = prompt.shape
+    batch = rows // num_beams
+    max_length = prompt_length + config.max_new_tokens
+    eos = np.array(config.eos_token_id, dtype=np.int64)
+    beams_to_keep = max(2, 1 + len(eos)) * num_beams
+    top_num_beam_mask = np.arange(beams_to_keep) < num_beams
+    steps = config.max_new_tokens
+
+    running_sequences = np.full((batch, num_beams, max_length), config.pad_token_id, np.int64)
+    running_sequences[:, :, :prompt_length] = prompt.reshape(batch, num_beams, prompt_length)
+    running_token_scores = np.zeros((batch, num_beams, steps), np.float32)
+    running_scores = np.zeros((batch, num_beams), np.float32)
+    running_scores[:, 1:] = BEAM_FILL
+    sequences = running_sequences.copy()
+    token_scores_done = running_token_scores.copy()
+    lengths = np.zeros((batch, num_beams), np.int64)  # generated length of each finished hypothesis
+    beam_scores = np.full((batch, num_beams), BEAM_FILL, np.float32)
+    finished = np.zeros((batch, num_beams), dtype=bool)
+    improvable = np.ones((batch, 1), dtype=bool)
+    batch_offset = (np.arange(batch) * num_beams)[:, None]
+
+    began = time.perf_counter()
+    logits = runner.prefill(state)
+    timer.prefill_seconds = time.perf_counter() - began
+    cur_len = prompt_length
+    while True:
+        history = running_sequences[:, :, :cur_len].reshape(rows, cur_len)
+        log_probs = process(log_softmax(logits.astype(np.float32)), history, cur_len - prompt_length, config)
+        if config.do_sample:
+            log_probs = warp(log_probs, config)
+        vocab = log_probs.shape[-1]
+        step_log_probs = log_probs.reshape(batch, num_beams, vocab)
+        accumulated = (step_log_probs + running_scores[:, :, None]).reshape(batch, num_beams * vocab)
+        if config.do_sample:
+            probabilities = softmax(accumulated.astype(np.float64))
+            candidates = np.stack([rng.choice(accumulated.shape[1], size=beams_to_keep, replace=False, p=p)
+                                   for p in probabilities])
+        else:
+            candidates = topk_sorted(accumulated, beams_to_keep)  # [batch, keep]
+        topk_log_probs = np.take_along_axis(accumulated, candidates, axis=1)
+        source_beam, topk_ids = candidates // vocab, candidates % vocab
+        topk_sequences = np.take_along_axis(running_sequences, source_beam[:, :, None], axis=1)
+        topk_sequences[:, :, cur_len] = topk_ids
+        topk_token_scores = np.take_along_axis(running_token_scores, source_beam[:, :, None], axis=1)
+        topk_token_scores[:, :, cur_len - prompt_length] = np.take_along_axis(
+            step_log_probs.reshape(batch, num_beams * vocab), candidates, axis=1)
+
+        hits = np.isin(topk_ids, eos) | (cur_len + 1 >= max_length)
+        if stop_check is not None:
+            flat = topk_sequences[:, :, prompt_length:cur_len + 1].reshape(batch * beams_to_keep, -1)
+            hits |= stop_check(flat, cur_len + 1 - prompt_length).reshape(batch, beams_to_keep)
+
+        # Beams that go on: the best num_beams candidates that did not just stop.
+        running_candidates = topk_log_probs + hits.astype(np.float32) * BEAM_FILL
+        keep = topk_sorted(running_candidates, num_beams)
+        running_sequences = np.take_along_axis(topk_sequences, keep[:, :, None], axis=1)
+        running_token_scores = np.take_along_axis(topk_token_scores, keep[:, :, None], axis=1)
+        running_scores = np.take_along_axis(running_candidates, keep, axis=1)
+        beam_idx = (np.take_along_axis(source_beam, keep, axis=1) + batch_offset).reshape(-1)
+
+        # Finished hypotheses: merge the ones that just stopped with those kept so far.
+        just_finished = hits & top_num_beam_mask[None, :]
+        final_scores = topk_log_probs / np.float32((cur_len + 1 - prompt_length) ** config.length_penalty)
+        all_done = finished.all(axis=-1, keepdims=True) & (config.early_stopping is True)
+        final_scores = final_scores + all_done * np.float32(BEAM_FILL)
+        final_scores = final_scores + (~improvable) * np.float32(BEAM_FILL)
+        final_scores = final_scores + (~just_finished) * np.float32(BEAM_FILL)
+        merged_scores = np.concatenate([beam_scores, final_scores], axis=1)
+        best = topk_sorted(merged_scores, num_beams)
+        sequences = np.take_along_axis(np.concatenate([sequences, topk_sequences], axis=1), best[:, :, None], axis=1)
+        token_scores_done = np.take_along_axis(np.concatenate([token_scores_done, topk_token_scores], axis=1),
+                                               best[:, :, None], axis=1)
+        new_lengths = np.full((batch, beams_to_keep), cur_len + 1 - prompt_length, np.int64)
+        lengths = np.take_along_axis(np.concatenate([lengths, new_lengths], axis=1), best, axis=1)
+        beam_scores = np.take_along_axis(merged_scores, best, axis=1)
+        finished = np.take_along_axis(np.concatenate([finished, just_finished], axis=1), best, axis=1)
+
+        cur_len += 1
+        if config.early_stopping == "never" and config.length_penalty > 0.0:
+            best_length = max_length - prompt_length
+        else:
+            best_length = cur_len - prompt_length
+        best_possible = running_scores[:, :1] / np.float32(best_length ** config.length_penalty)
+        worst_finished = np.where(finished, beam_scores.min(axis=1, keepdims=True), np.float32(BEAM_FILL))
+        improvable = improvable & np.any(best_possible > worst_finished, axis=-1, keepdims=True)
+        open_beam = not (finished.all() and config.early_stopping is True)
+        if not (improvable.any() and open_beam and not hits.all()):
+            break
+        began = time.perf_counter()
+        logits = runner.decode_step(state, running_sequences[:, :, cur_len - 1].reshape(-1), beam_idx)
+        timer.step_seconds.append(time.perf_counter() - began)
+
+    returned = config.num_return_sequences
+    hypotheses = []
+    for b in range(batch):
+        for k in range(returned):
+            length = int(lengths[b, k])
+            tokens = sequences[b, k, prompt_length:prompt_length + length].tolist()
+            token_scores = token_scores_done[b, k, :length].tolist() if config.output_scores else None
+            hypotheses.append(Hypothesis(tokens, float(beam_scores[b, k]), token_scores))
+    return hypotheses

@@ -1,0 +1,319 @@
+"""load(folder) -> Model: generate / stream over an exported mT0 or BLOOMZ folder."""
+
+from __future__ import annotations
+
+import numbers
+import os
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import onnxruntime as ort
+
+from .errors import GenerationInputError, ManifestError
+from .generation import GenerationConfig, Hypothesis, StepTimer, run_beam_search, run_sampling, sample_tokens
+from .manifest import ROLES, Manifest, read_manifest
+from .runners import RUNNERS
+from .session import make_session, resolve_provider
+
+OPTION_NAMES = ("max_new_tokens", "min_new_tokens", "eos_token_id", "pad_token_id", "stop_strings", "num_beams",
+                "length_penalty", "early_stopping", "num_return_sequences", "no_repeat_ngram_size",
+                "repetition_penalty", "do_sample", "temperature", "top_k", "top_p", "seed", "output_scores")
+LIBRARY_DEFAULTS = {"max_new_tokens": 20, "min_new_tokens": 0, "stop_strings": (), "num_beams": 1,
+                    "length_penalty": 1.0, "early_stopping": False, "num_return_sequences": 1,
+                    "no_repeat_ngram_size": 0, "repetition_penalty": 1.0, "do_sample": False, "temperature": 1.0,
+                    "top_k": 50, "top_p": 1.0, "seed": None, "output_scores": True}
+
+
+@dataclass
+class GenerationOutput:
+    """Returned sequences in input order, then num_return_sequences per input."""
+
+    sequences: list[list[int]]  # generated ids only: no prompt, no start token, no padding; eos kept
+    scores: list[float]  # beam score (length-penalised) or summed log-probability
+    texts: list[str] | None  # None when the export has no tokenizer
+    token_scores: list[list[float]] | None = None  # per generated token log-probability (output_scores)
+    metrics: dict[str, Any] = field(default_factory=dict)  # prefill and per-step seconds
+
+
+class Model:
+    def __init__(self, manifest: Manifest, provider: str = "cpu", threads: int | None = None,
+                 variant: str = "fp32", session_options: ort.SessionOptions | None = None,
+                 verify: bool = True):
+        self.manifest = manifest
+        self.kind = manifest.kind
+        self.provider = resolve_provider(provider)
+        self.device = "cuda" if self.provider == "CUDAExecutionProvider" else "cpu"
+        self.variant = variant
+        entry = manifest.variant(variant)
+        manifest.verify_files(variant, check_hashes=verify)
+        self.sessions = {role: make_session(manifest.path(entry["files"][role]["path"]), provider, threads,
+                                            session_options)
+                         for role in ROLES[self.kind]}
+        self._check_io()
+        self.runner = RUNNERS[self.kind](manifest, self.sessions, self.device)
+        self.tokens = manifest.tokens
+        self.vocab_size = int(self.tokens["vocab_size"])
+        self.tokenizer = _load_tokenizer(manifest)
+        self.defaults = dict(LIBRARY_DEFAULTS)
+        self.defaults.update({k: v for k, v in manifest.data.get("generation_defaults", {}).items()
+                              if k in LIBRARY_DEFAULTS})
+
+    def _check_io(self) -> None:
+        """The manifest's IO and cache shape against what each session really has; lists every mismatch."""
+        problems = []
+        cache = self.manifest.cache
+        for role, session in self.sessions.items():
+            expected = self.manifest.data["io"].get(role, {})
+            inputs = {i.name: i for i in session.get_inputs()}
+            outputs = {o.name for o in session.get_outputs()}
+            problems += [f"{role} lacks input {n}" for n in expected.get("inputs", []) if n not in inputs]
+            problems += [f"{role} lacks output {n}" for n in expected.get("outputs", []) if n not in outputs]
+            if role == "decoder":
+                for layer in range(cache["num_layers"]):
+                    name = cache["past_key"].format(layer=layer)
+                    if name not in inputs:
+                        problems.append(f"decoder lacks cache input {name}")
+                        continue
+                    shape = inputs[name].shape
+                    if shape[1] != cache["num_heads"] or shape[3] != cache["head_dim"]:
+                        problems.append(f"{name} has shape {shape}, the manifest says heads={cache['num_heads']} "
+                                        f"head_dim={cache['head_dim']}")
+        if problems:
+            raise ManifestError(f"{self.manifest.folder} does not match its manifest: " + "; ".join(problems)
+                                + ". Export the model again.")
+
+    # ---- inputs ----
+
+    def _encode_prompts(self, prompts: Sequence[str]) -> list[list[int]]:
+        if self.tokenizer is None:
+            raise GenerationInputError(
+                f"{self.manifest.folder} has no tokenizer.json (random-weight presets have none): "
+                "pass token ids with input_ids=[[...], ...] instead of text."
+            )
+        for index, prompt in enumerate(prompts):
+            if not isinstance(prompt, str):
+                raise GenerationInputError(f"prompt {index} is {type(prompt).__name__}, not str")
+            if not prompt:
+                raise GenerationInputError(f"prompt {index} is empty; give it some text")
+        return [encoding.ids for encoding in self.tokenizer.encode_batch(list(prompts))]
+
+    def _check_ids(self, input_ids) -> list[list[int]]:
+        if isinstance(input_ids, np.ndarray):
+            input_ids = input_ids.tolist()
+        if not isinstance(input_ids, (list, tuple)) or not input_ids:
+            raise GenerationInputError("input_ids must be a non-empty list of token id lists")
+        if all(isinstance(i, numbers.Integral) for i in input_ids):
+            input_ids = [input_ids]  # one prompt given flat
+        checked = []
+        for index, row in enumerate(input_ids):
+            if not isinstance(row, (list, tuple)) or not row:
+                raise GenerationInputError(f"input_ids[{index}] must be a non-empty list of token ids, not {row!r}")
+            for token in row:
+                if not isinstance(token, numbers.Integral) or isinstance(token, bool):
+                    raise GenerationInputError(f"input_ids[{index}] holds {token!r}, which is not an integer id")
+                if not 0 <= token < self.vocab_size:
+                    raise GenerationInputError(
+                        f"input_ids[{index}] holds {token}, outside the vocabulary [0, {self.vocab_size})")
+            checked.append([int(t) for t in row])
+        return checked
+
+    def _batch(self, rows: list[list[int]], pad: int) -> tuple[np.ndarray, np.ndarray]:
+        """Pad to one length: left for the decoder kind (generation continues at the right), right for seq2seq."""
+        length = max(len(r) for r in rows)
+        ids = np.full((len(rows), length), pad, np.int64)  # [batch, length]
+        mask = np.zeros((len(rows), length), np.int64)
+        for i, row in enumerate(rows):
+            if self.kind == "decoder":
+                ids[i, length - len(row):], mask[i, length - len(row):] = row, 1
+            else:
+                ids[i, :len(row)], mask[i, :len(row)] = row, 1
+        return ids, mask
+
+    def _config(self, options: dict[str, Any]) -> GenerationConfig:
+        unknown = sorted(set(options) - set(OPTION_NAMES))
+        if unknown:
+            raise GenerationInputError(f"unknown generation option(s) {', '.join(unknown)}; "
+                                       f"known: {', '.join(OPTION_NAMES)}")
+        values = dict(self.defaults)
+        values.update({k: v for k, v in options.items() if v is not None})
+        return _validated_config(values, self.tokens, self.vocab_size, self.tokenizer is not None)
+
+    # ---- generation ----
+
+    def generate(self, prompts: str | Sequence[str] | None = None, *, input_ids=None,
+                 **options) -> GenerationOutput:
+        """Generate for each prompt (text) or each list of token ids; options use Hugging Face's names."""
+        rows = self._inputs(prompts, input_ids)
+        config = self._config(options)
+        if config.max_new_tokens == 0:
+            count = len(rows) * config.num_return_sequences
+            return GenerationOutput([[] for _ in range(count)], [0.0] * count,
+                                    [""] * count if self.tokenizer else None)
+        expand = config.num_beams if config.num_beams > 1 else config.num_return_sequences
+        ids, mask = self._batch(rows, config.pad_token_id)
+        state = self.runner.begin(ids, mask, expand)
+        timer = StepTimer()
+        stop_check = self._stop_check(config)
+        if config.num_beams > 1:
+            hypotheses = run_beam_search(self.runner, state, config, stop_check, timer)
+        else:
+            hypotheses = run_sampling(self.runner, state, config, stop_check, timer)
+        return self._output(hypotheses, config, timer)
+
+    def stream(self, prompt: str | Sequence[int], **options) -> Iterator[str]:
+        """Text pieces as they are produced, for one prompt; greedy or sampling (beams yield once, at the end)."""
+        if self.tokenizer is None:
+            raise GenerationInputError("stream() yields text and this export has no tokenizer; use generate().")
+        rows = self._inputs([prompt] if isinstance(prompt, str) else None,
+                            None if isinstance(prompt, str) else [prompt])
+        config = self._config(options)
+        if config.num_beams > 1 or config.num_return_sequences > 1 or config.max_new_tokens == 0:
+            output = self.generate(input_ids=rows, **options)
+            if output.texts and output.texts[0]:
+                yield output.texts[0]
+            return
+        ids, mask = self._batch(rows, config.pad_token_id)
+        state = self.runner.begin(ids, mask, 1)
+        tokens: list[int] = []
+        emitted = ""
+        for step_tokens, running, _ in sample_tokens(self.runner, state, config, self._stop_check(config),
+                                                     StepTimer()):
+            if not running[0]:
+                break
+            tokens.append(int(step_tokens[0]))
+            text = self.decode(tokens)
+            # Hold back a trailing partial character (byte-level BPE splits UTF-8 sequences).
+            if text.startswith(emitted) and not text.endswith("\ufffd") and len(text) > len(emitted):
+                yield text[len(emitted):]
+                emitted = text
+        text = self.decode(tokens)
+        if text != emitted and text.startswith(emitted):
+            yield text[len(emitted):]
+
+    def decode(self, tokens: Sequence[int]) -> str:
+        """transformers' decode(tokens, skip_special_tokens=True) for this export's tokenizer."""
+        text = self.tokenizer.decode(list(tokens), skip_special_tokens=True)
+        if (self.manifest.data.get("tokenizer") or {}).get("clean_up_tokenization_spaces"):
+            text = _clean_up_tokenization(text)
+        return text
+
+    def _inputs(self, prompts, input_ids) -> list[list[int]]:
+        if (prompts is None) == (input_ids is None):
+            raise GenerationInputError("pass either prompts (text) or input_ids (token ids), not both or neither")
+        if prompts is not None:
+            prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+            if not prompts:
+                raise GenerationInputError("the prompt list is empty; pass at least one prompt")
+            return self._check_ids(self._encode_prompts(prompts))
+        return self._check_ids(input_ids)
+
+    def _stop_check(self, config: GenerationConfig):
+        if not config.stop_strings:
+            return None
+
+        def check(generated: np.ndarray, count: int) -> np.ndarray:
+            """generated [rows, >= count]: does each row's text now contain a stop string?"""
+            texts = [self.decode(row[-count:]) for row in generated.tolist()]
+            return np.array([any(s in t for s in config.stop_strings) for t in texts], dtype=bool)
+
+        return check
+
+    def _output(self, hypotheses: list[Hypothesis], config: GenerationConfig, timer: StepTimer) -> GenerationOutput:
+        sequences = [h.tokens for h in hypotheses]
+        texts = [self.decode(s) for s in sequences] if self.tokenizer is not None else None
+        token_scores = [h.token_scores for h in hypotheses] if config.output_scores else None
+        metrics = {"prefill_seconds": timer.prefill_seconds, "step_seconds": timer.step_seconds}
+        return GenerationOutput(sequences, [h.score for h in hypotheses], texts, token_scores, metrics)
+
+
+def _validated_config(values: dict[str, Any], tokens: dict[str, Any], vocab_size: int,
+                      has_tokenizer: bool) -> GenerationConfig:
+    def integer(name: str, low: int) -> int:
+        value = values[name]
+        if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < low:
+            raise GenerationInputError(f"{name} must be an integer >= {low}, not {value!r}")
+        return int(value)
+
+    def number(name: str) -> float:
+        value = values[name]
+        if not isinstance(value, numbers.Real) or isinstance(value, bool) or not np.isfinite(value):
+            raise GenerationInputError(f"{name} must be a finite number, not {value!r}")
+        return float(value)
+
+    eos = values.get("eos_token_id", tokens.get("eos_token_id"))
+    eos = [] if eos is None else ([eos] if isinstance(eos, numbers.Integral) else list(eos))
+    for token in eos:
+        if not isinstance(token, numbers.Integral) or not 0 <= token < vocab_size:
+            raise GenerationInputError(f"eos_token_id {token!r} is not a token id in [0, {vocab_size})")
+    pad = values.get("pad_token_id", tokens.get("pad_token_id"))
+    if pad is None:
+        pad = eos[0] if eos else 0
+    if not isinstance(pad, numbers.Integral) or not 0 <= pad < vocab_size:
+        raise GenerationInputError(f"pad_token_id {pad!r} is not a token id in [0, {vocab_size})")
+    num_beams = integer("num_beams", 1)
+    returned = integer("num_return_sequences", 1)
+    do_sample = values["do_sample"]
+    if not isinstance(do_sample, bool):
+        raise GenerationInputError(f"do_sample must be True or False, not {do_sample!r}")
+    if num_beams > 1 and returned > num_beams:
+        raise GenerationInputError(f"num_return_sequences ({returned}) cannot exceed num_beams ({num_beams})")
+    if num_beams == 1 and not do_sample and returned > 1:
+        raise GenerationInputError(f"num_return_sequences={returned} needs num_beams >= {returned} or do_sample=True")
+    temperature = number("temperature")
+    if do_sample and temperature <= 0:
+        raise GenerationInputError(f"temperature must be > 0 when sampling, not {temperature}")
+    top_p = number("top_p")
+    if not 0 < top_p <= 1:
+        raise GenerationInputError(f"top_p must be in (0, 1], not {top_p}")
+    repetition_penalty = number("repetition_penalty")
+    if repetition_penalty <= 0:
+        raise GenerationInputError(f"repetition_penalty must be > 0, not {repetition_penalty}")
+    early_stopping = values["early_stopping"]
+    if early_stopping not in (True, False, "never"):
+        raise GenerationInputError(f"early_stopping must be True, False or 'never', not {early_stopping!r}")
+    stop_strings = values["stop_strings"]
+    stop_strings = (stop_strings,) if isinstance(stop_strings, str) else tuple(stop_strings or ())
+    if stop_strings and not has_tokenizer:
+        raise GenerationInputError("stop_strings need a tokenizer and this export has none")
+    if any(not isinstance(s, str) or not s for s in stop_strings):
+        raise GenerationInputError(f"stop_strings must be non-empty strings, not {stop_strings!r}")
+    seed = values["seed"]
+    if seed is not None and (not isinstance(seed, numbers.Integral) or seed < 0):
+        raise GenerationInputError(f"seed must be a non-negative integer, not {seed!r}")
+    return GenerationConfig(
+        max_new_tokens=integer("max_new_tokens", 0), min_new_tokens=integer("min_new_tokens", 0),
+        eos_token_id=tuple(int(t) for t in eos), pad_token_id=int(pad), stop_strings=stop_strings,
+        num_beams=num_beams, length_penalty=number("length_penalty"), early_stopping=early_stopping,
+        num_return_sequences=returned, no_repeat_ngram_size=integer("no_repeat_ngram_size", 0),
+        repetition_penalty=repetition_penalty, do_sample=do_sample, temperature=temperature,
+        top_k=integer("top_k", 0), top_p=top_p, seed=seed, output_scores=bool(values["output_scores"]),
+    )
+
+
+def _clean_up_tokenization(text: str) -> str:
+    """transformers' clean_up_tokenization."""
+    for before, after in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
+                          (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")):
+        text = text.replace(before, after)
+    return text
+
+
+def _load_tokenizer(manifest: Manifest):
+    entry = manifest.data.get("tokenizer")
+    if not entry:
+        return None
+    from tokenizers import Tokenizer
+
+    path = manifest.path(entry["file"])
+    try:
+        return Tokenizer.from_file(path)
+    except Exception as e:
+        raise ManifestError(f"{path} cannot be read by tokenizers ({e}); export the model again.") from e
+
+
+def load(folder: str | os.PathLike, provider: str = "cpu", threads: int | None = None, variant: str = "fp32",
+         session_options: ort.SessionOptions | None = None, verify: bool = True) -> Model:
+    """Load an exported folder. provider: 'cpu' or 'cuda'; threads: intra-op threads (None: onnxruntime's
+    default); variant: 'fp32' or a quantized variant the folder holds; verify: check every file's sha256."""
+    return Model(read_manifest(folder), provider, threads, variant, session_options, verify)

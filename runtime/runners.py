@@ -1,0 +1,154 @@
+"""The graphs behind one loaded model: encode / prefill / decode_step for each kind.
+
+The KV cache lives in OrtValues on the provider's device and is fed back as the next step's past
+through IO binding; the decoder graphs reorder it for beam search themselves (beam_idx input), so
+no cache is copied or concatenated in Python. CPU runs take exactly the same path as CUDA.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnxruntime as ort
+
+from .errors import InferenceError
+from .manifest import Manifest
+
+
+@dataclass
+class DecodeState:
+    """Everything one request carries between steps. [rows] = batch * expand (beams or samples)."""
+
+    input_ids: np.ndarray  # [batch, prompt] the (padded) prompt
+    attention_mask: np.ndarray  # [rows, total] decoder kind: grows by one column per step
+    expand: int  # rows per prompt
+    past: list[ort.OrtValue] = field(default_factory=list)  # per layer: key, value
+    cross: list[ort.OrtValue] = field(default_factory=list)  # seq2seq: per layer cross key, value
+    encoder_mask: np.ndarray | None = None  # seq2seq: [rows, source]
+    prefilled: bool = False
+
+
+def _run(session: ort.InferenceSession, device: str, cpu_inputs: dict[str, np.ndarray],
+         value_inputs: dict[str, ort.OrtValue], device_outputs: list[str], cpu_outputs: list[str]
+         ) -> list[ort.OrtValue]:
+    binding = session.io_binding()
+    for name, array in cpu_inputs.items():
+        binding.bind_cpu_input(name, array)
+    for name, value in value_inputs.items():
+        binding.bind_ortvalue_input(name, value)
+    for name in cpu_outputs:
+        binding.bind_output(name, "cpu")
+    for name in device_outputs:
+        binding.bind_output(name, device)
+    try:
+        session.run_with_iobinding(binding)
+    except Exception as e:
+        raise InferenceError(f"onnxruntime failed running {session._model_path}: {e}") from e
+    return binding.get_outputs()
+
+
+class Runner:
+    """Shared by both kinds: the cache names and the empty first-step past."""
+
+    def __init__(self, manifest: Manifest, sessions: dict[str, ort.InferenceSession], device: str):
+        self.manifest, self.sessions, self.device = manifest, sessions, device
+        cache = manifest.cache
+        self.num_layers, self.num_heads, self.head_dim = cache["num_layers"], cache["num_heads"], cache["head_dim"]
+        layers = range(self.num_layers)
+        self.past_names = [n for i in layers for n in (cache["past_key"].format(layer=i),
+                                                       cache["past_value"].format(layer=i))]
+        self.present_names = [n for i in layers for n in (cache["present_key"].format(layer=i),
+                                                          cache["present_value"].format(layer=i))]
+
+    def _empty_past(self, rows: int) -> list[ort.OrtValue]:
+        shape = [rows, self.num_heads, 0, self.head_dim]  # [rows, heads, 0, d]
+        return [ort.OrtValue.ortvalue_from_shape_and_type(shape, np.float32, self.device, 0)
+                for _ in self.past_names]
+
+    def _decode(self, state: DecodeState, feeds: dict[str, np.ndarray], beam_idx: np.ndarray) -> np.ndarray:
+        """One decoder call: feeds + past -> logits [rows, vocab] on the host; presents stay on the device."""
+        values = dict(zip(self.past_names, state.past))
+        values.update(zip(self.cross_names, state.cross))
+        feeds["beam_idx"] = beam_idx
+        outputs = _run(self.sessions["decoder"], self.device, feeds, values, self.present_names, ["logits"])
+        state.past = outputs[1:]
+        return outputs[0].numpy()
+
+    cross_names: list[str] = []
+
+
+class Seq2SeqRunner(Runner):
+    """mT0: the encoder runs once per request and yields the cross-attention keys/values."""
+
+    def __init__(self, manifest: Manifest, sessions: dict[str, ort.InferenceSession], device: str):
+        super().__init__(manifest, sessions, device)
+        cross = manifest.data["cross_cache"]
+        self.cross_names = [n for i in range(cross["num_layers"]) for n in (cross["key"].format(layer=i),
+                                                                            cross["value"].format(layer=i))]
+        self.decoder_start_token_id = manifest.tokens["decoder_start_token_id"]
+
+    def begin(self, input_ids: np.ndarray, attention_mask: np.ndarray, expand: int) -> DecodeState:
+        """encode: input_ids [batch, source] (right padded) -> cross keys/values for [batch*expand] rows."""
+        outputs = _run(self.sessions["encoder"], "cpu", {"input_ids": input_ids, "attention_mask": attention_mask},
+                       {}, [], self.cross_names)
+        cross = []
+        for value in outputs:
+            array = value.numpy()  # [batch, heads, source, d]
+            if expand > 1:  # once per request: every beam / sample attends to the same source
+                array = np.repeat(array, expand, axis=0)
+            cross.append(ort.OrtValue.ortvalue_from_numpy(array, self.device, 0))
+        rows = input_ids.shape[0] * expand
+        return DecodeState(input_ids=input_ids, attention_mask=np.zeros((rows, 0), np.int64), expand=expand,
+                           past=self._empty_past(rows), cross=cross,
+                           encoder_mask=np.repeat(attention_mask, expand, axis=0))
+
+    def prefill(self, state: DecodeState) -> np.ndarray:
+        """The decoder start token for every row -> logits [rows, vocab]."""
+        rows = state.encoder_mask.shape[0]
+        state.prefilled = True
+        return self.decode_step(state, np.full(rows, self.decoder_start_token_id, np.int64),
+                                np.arange(rows, dtype=np.int64))
+
+    def decode_step(self, state: DecodeState, tokens: np.ndarray, beam_idx: np.ndarray) -> np.ndarray:
+        """tokens [rows], beam_idx [rows] (which row's cache each row continues) -> logits [rows, vocab]"""
+        feeds = {"input_ids": tokens.reshape(-1, 1), "encoder_attention_mask": state.encoder_mask}
+        return self._decode(state, feeds, beam_idx)
+
+    def history(self, state: DecodeState) -> np.ndarray:
+        """What transformers calls input_ids for the logits processors: the decoder start token."""
+        return np.full((state.encoder_mask.shape[0], 1), self.decoder_start_token_id, np.int64)
+
+
+class DecoderRunner(Runner):
+    """BLOOMZ: the prompt is prefilled once per prompt; beams and samples branch from it in the graph."""
+
+    def begin(self, input_ids: np.ndarray, attention_mask: np.ndarray, expand: int) -> DecodeState:
+        return DecodeState(input_ids=input_ids, attention_mask=attention_mask, expand=expand,
+                           past=self._empty_past(input_ids.shape[0]))
+
+    def prefill(self, state: DecodeState) -> np.ndarray:
+        """prompt [batch, prompt] (left padded) -> logits [batch*expand, vocab]"""
+        batch = state.input_ids.shape[0]
+        logits = self._decode(state, {"input_ids": state.input_ids, "attention_mask": state.attention_mask},
+                              np.arange(batch, dtype=np.int64))
+        state.attention_mask = np.repeat(state.attention_mask, state.expand, axis=0)
+        state.prefilled = True
+        return np.repeat(logits, state.expand, axis=0) if state.expand > 1 else logits
+
+    def decode_step(self, state: DecodeState, tokens: np.ndarray, beam_idx: np.ndarray) -> np.ndarray:
+        """tokens [rows], beam_idx [rows] -> logits [rows, vocab]"""
+        if state.expand > 1 and state.past[0].shape()[0] != tokens.shape[0]:
+            # The cache still holds one row per prompt: row r of the expanded batch branches from r // expand.
+            beam_idx = beam_idx // state.expand
+        rows = tokens.shape[0]
+        state.attention_mask = np.concatenate([state.attention_mask, np.ones((rows, 1), np.int64)], axis=1)
+        feeds = {"input_ids": tokens.reshape(-1, 1), "attention_mask": state.attention_mask}
+        return self._decode(state, feeds, beam_idx)
+
+    def history(self, state: DecodeState) -> np.ndarray:
+        """transformers' input_ids for the logits processors: the padded prompt, one row per beam/sample."""
+        return np.repeat(state.input_ids, state.expand, axis=0)
+
+
+RUNNERS = {"seq2seq": Seq2SeqRunner, "decoder": DecoderRunner}
