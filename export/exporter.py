@@ -173,8 +173,6 @@ def export(source: str, output: str | os.PathLike, force: bool = False, toleranc
     if not isinstance(tolerance, (int, float)) or not tolerance > 0:
         raise ExportError(f"tolerance must be a positive number, not {tolerance!r}")
     parent = os.path.dirname(output)
-    if not os.path.isdir(parent):
-        raise ExportError(f"the parent folder {parent} does not exist; create it first.")
     stages = ["load the model", "build the ONNX graphs", "write tokenizer and configs"]
     stages += ["validate against PyTorch"] if validate else []
     stages += [f"quantize ({mode})" for mode in quantize] + ["write the manifest"]
@@ -182,6 +180,7 @@ def export(source: str, output: str | os.PathLike, force: bool = False, toleranc
     with progress_bar.stage(f"loading {source}"):
         model, source_fields = _load_model(source)
         family = family_for_model_type(model.config.model_type)
+    created_parent = _make_parent(parent)
     temporary = tempfile.mkdtemp(prefix=f".{os.path.basename(output)}.partial-", dir=parent)
     os.chmod(temporary, 0o755)
     try:
@@ -228,13 +227,27 @@ def export(source: str, output: str | os.PathLike, force: bool = False, toleranc
             with progress_bar.stage(f"quantizing ({mode})"):
                 add_variant(temporary, manifest, mode)
         with progress_bar.stage("writing the manifest"):
-            assert set(roles) == set(ROLES[family.kind])  # a family bug, not user input
+            if set(roles) != set(ROLES[family.kind]):
+                raise ExportError(f"family {family.name} built {sorted(roles)}, not {ROLES[family.kind]}")
             write_manifest(temporary, manifest)
         _replace(temporary, output, force)
     except BaseException:
         shutil.rmtree(temporary, ignore_errors=True)
+        if created_parent:
+            shutil.rmtree(created_parent, ignore_errors=True)
         raise
     return output
+
+
+def _make_parent(parent: str) -> str | None:
+    """Create OUTPUT's missing parent folders; return the topmost one created (removed again on failure)."""
+    topmost = None
+    path = parent
+    while not os.path.exists(path):
+        topmost, path = path, os.path.dirname(path)
+    if topmost is not None:
+        os.makedirs(parent)
+    return topmost
 
 
 def _replace(temporary: str, output: str, force: bool) -> None:

@@ -1,0 +1,187 @@
+"""The `xmtf-onnx` command: export, quantize, generate, bench."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .errors import XmtfError
+
+EPILOG = """examples:
+  xmtf-onnx export preset:mt0-small exported/mt0-small          # real architecture, random weights, offline
+  xmtf-onnx export bigscience/mt0-small exported/mt0-small      # from the Hub (needs network)
+  xmtf-onnx export ./my-checkpoint exported/mine --quantize int8
+  xmtf-onnx generate exported/mt0-small "Translate to English: Je t'aime."
+  xmtf-onnx generate exported/mt0-small --ids 250 3 17 --max-new-tokens 8
+  xmtf-onnx bench --quick                                        # the benchmark suite, offline
+"""
+
+
+def _export(args: argparse.Namespace) -> int:
+    try:
+        from xmtf_onnx.export import export
+    except ImportError as e:
+        print(f"error: export needs the export extra: pip install 'xmtf-onnx[export]' ({e})", file=sys.stderr)
+        return 2
+    output = export(args.model, args.output, force=args.force, tolerance=args.tolerance,
+                    validate=not args.no_validate, progress=not args.quiet, quantize=args.quantize or ())
+    print(output)
+    return 0
+
+
+def _quantize(args: argparse.Namespace) -> int:
+    try:
+        from xmtf_onnx.export.quantize import quantize_folder
+    except ImportError as e:
+        print(f"error: quantize needs the export extra: pip install 'xmtf-onnx[export]' ({e})", file=sys.stderr)
+        return 2
+    for mode in args.mode:
+        quantize_folder(args.folder, mode, force=args.force)
+        print(f"{args.folder}: added variant {mode}")
+    return 0
+
+
+def _read_prompts(args: argparse.Namespace) -> list[str]:
+    if args.prompts:
+        return args.prompts
+    if args.file:
+        with open(args.file, encoding="utf-8") as handle:
+            return [line.rstrip("\n") for line in handle if line.strip()]
+    if not sys.stdin.isatty():
+        return [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    return []
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from .model import load
+
+    model = load(args.model_dir, provider=args.provider, threads=args.threads, variant=args.variant)
+    options = {k: v for k, v in dict(
+        max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens, num_beams=args.num_beams,
+        num_return_sequences=args.num_return_sequences, do_sample=args.do_sample or None,
+        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+        repetition_penalty=args.repetition_penalty, no_repeat_ngram_size=args.no_repeat_ngram_size,
+        length_penalty=args.length_penalty, stop_strings=args.stop or None).items() if v is not None}
+    if args.ids:
+        output = model.generate(input_ids=[args.ids], **options)
+        _print(output, [args.ids], args.jsonl)
+        return 0
+    prompts = _read_prompts(args)
+    if not prompts:
+        print("error: no prompt: give PROMPT arguments, --file FILE, text on stdin, or --ids", file=sys.stderr)
+        return 2
+    if len(prompts) == 1 and not args.jsonl and not args.no_stream:
+        for piece in model.stream(prompts[0], **options):
+            print(piece, end="", flush=True)
+        print()
+        return 0
+    _print(model.generate(prompts, **options), prompts, args.jsonl)
+    return 0
+
+
+def _print(output, inputs: list, jsonl: bool) -> None:
+    per_input = len(output.sequences) // len(inputs)
+    for index, sequence in enumerate(output.sequences):
+        text = output.texts[index] if output.texts is not None else None
+        if jsonl:
+            print(json.dumps({"input": inputs[index // per_input], "text": text, "ids": sequence,
+                              "score": output.scores[index]}, ensure_ascii=False))
+        else:
+            print(text if text is not None else " ".join(map(str, sequence)))
+
+
+def _bench(args: argparse.Namespace) -> int:
+    try:
+        from xmtf_onnx.benchmarks.suite import main as bench_main
+    except ImportError as e:
+        print(f"error: bench needs the export and bench extras: pip install 'xmtf-onnx[export,bench]' ({e})",
+              file=sys.stderr)
+        return 2
+    return bench_main(args.bench_args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="xmtf-onnx", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
+        description="Export mT0 / BLOOMZ to ONNX and run them with onnxruntime (no torch at run time).")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    export = commands.add_parser(
+        "export", help="checkpoint -> self-describing ONNX folder",
+        description="Export MODEL to the folder OUTPUT: ONNX graphs with KV cache, tokenizer.json, manifest. "
+                    "The graphs are checked against PyTorch before the folder appears; a failed export leaves "
+                    "nothing behind.")
+    export.add_argument("model", metavar="MODEL",
+                        help="a Hugging Face model id, a local checkpoint folder, or preset:NAME "
+                             "(mt0-small, mt0-base, mt0-large, mt0-xl, mt0-xxl, bloomz-560m, bloomz-1b1, "
+                             "bloomz-1b7, bloomz-3b, bloomz-7b1: published shapes, random weights)")
+    export.add_argument("output", metavar="OUTPUT", help="the folder to create")
+    export.add_argument("--force", action="store_true", help="replace OUTPUT if it exists")
+    export.add_argument("--quantize", action="append", metavar="MODE",
+                        help="also write a quantized variant (repeatable): int8 (fastest CPU int8), "
+                             "int8-dynamic, int8-weight, int4-weight")
+    export.add_argument("--tolerance", type=float, default=1e-3,
+                        help="max |ONNX - PyTorch| relative to max(1, |PyTorch|) (default 1e-3)")
+    export.add_argument("--no-validate", action="store_true", help="skip the comparison with PyTorch")
+    export.add_argument("--quiet", action="store_true", help="no progress output")
+    export.set_defaults(handler=_export)
+
+    quantize = commands.add_parser("quantize", help="add quantized variants to an exported folder",
+                                   description="Add quantized variants to FOLDER, recorded in its manifest.")
+    quantize.add_argument("folder", metavar="FOLDER")
+    quantize.add_argument("--mode", action="append", required=True,
+                          help="int8 (fastest CPU int8), int8-dynamic, int8-weight, int4-weight (repeatable)")
+    quantize.add_argument("--force", action="store_true", help="replace a variant that exists")
+    quantize.set_defaults(handler=_quantize)
+
+    generate = commands.add_parser(
+        "generate", help="generate text from an exported folder",
+        description="Generate from MODEL_DIR. Prompts come from arguments, --file (one per line) or stdin; "
+                    "one prompt streams its text as it is produced.")
+    generate.add_argument("model_dir", metavar="MODEL_DIR")
+    generate.add_argument("prompts", nargs="*", metavar="PROMPT")
+    generate.add_argument("--file", help="read prompts from FILE, one per line")
+    generate.add_argument("--ids", nargs="+", type=int, help="token ids instead of text (exports without tokenizer)")
+    generate.add_argument("--jsonl", action="store_true", help="one JSON object per output: input, text, ids, score")
+    generate.add_argument("--no-stream", action="store_true", help="print a single prompt's text at the end")
+    generate.add_argument("--provider", default="cpu", choices=["cpu", "cuda"])
+    generate.add_argument("--threads", type=int, help="intra-op threads (default: onnxruntime's choice)")
+    generate.add_argument("--variant", default="fp32", help="fp32 or a quantized variant of the folder")
+    generate.add_argument("--max-new-tokens", type=int)
+    generate.add_argument("--min-new-tokens", type=int)
+    generate.add_argument("--num-beams", type=int)
+    generate.add_argument("--num-return-sequences", type=int)
+    generate.add_argument("--length-penalty", type=float)
+    generate.add_argument("--do-sample", action="store_true")
+    generate.add_argument("--temperature", type=float)
+    generate.add_argument("--top-k", type=int)
+    generate.add_argument("--top-p", type=float)
+    generate.add_argument("--seed", type=int)
+    generate.add_argument("--repetition-penalty", type=float)
+    generate.add_argument("--no-repeat-ngram-size", type=int)
+    generate.add_argument("--stop", action="append", help="stop string (repeatable)")
+    generate.set_defaults(handler=_generate)
+
+    bench = commands.add_parser("bench", help="benchmark the runtime against PyTorch and rivals",
+                                description="Run the benchmark suite; `xmtf-onnx bench --help` lists its options.",
+                                add_help=False)
+    bench.add_argument("bench_args", nargs=argparse.REMAINDER)
+    bench.set_defaults(handler=_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except XmtfError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

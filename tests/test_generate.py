@@ -1,0 +1,169 @@
+"""The runtime against transformers.generate, token for token, on the tiny exported models."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from xmtf_onnx.runtime import load
+
+from conftest import sample_prompts
+
+SETTINGS = [
+    dict(max_new_tokens=12),
+    dict(max_new_tokens=12, num_beams=4),
+    dict(max_new_tokens=10, num_beams=3, num_return_sequences=2, length_penalty=0.5),
+    dict(max_new_tokens=10, num_beams=4, early_stopping=True, no_repeat_ngram_size=2, repetition_penalty=1.3,
+         min_new_tokens=5),
+    dict(max_new_tokens=9, num_beams=2, early_stopping="never", length_penalty=2.0),
+    dict(max_new_tokens=10, num_beams=4, length_penalty=-1.0),
+    dict(max_new_tokens=10, repetition_penalty=1.5, no_repeat_ngram_size=2),
+    dict(max_new_tokens=10, min_new_tokens=10),
+]
+
+
+def _reference_model(family):
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    auto = AutoModelForSeq2SeqLM if family["name"] == "mt5" else AutoModelForCausalLM
+    return auto.from_pretrained(family["checkpoint"]).eval()
+
+
+def transformers_generate(model, rows: list[list[int]], kind: str, eos: list[int], pad: int, **options):
+    """transformers.generate on a padded batch -> (generated ids per sequence, eos kept, padding cut; scores)"""
+    length = max(map(len, rows))
+    ids = torch.full((len(rows), length), pad)
+    mask = torch.zeros((len(rows), length), dtype=torch.long)
+    for i, row in enumerate(rows):
+        span = slice(length - len(row), length) if kind == "decoder" else slice(0, len(row))
+        ids[i, span], mask[i, span] = torch.tensor(row), 1
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=mask, eos_token_id=eos, pad_token_id=pad,
+                             return_dict_in_generate=True, output_scores=True, **options)
+    start = length if kind == "decoder" else 1
+    sequences = []
+    for row in out.sequences[:, start:].tolist():
+        kept = []
+        for token in row:
+            kept.append(token)
+            if token in eos:
+                break
+        sequences.append(kept)
+    if getattr(out, "sequences_scores", None) is not None:
+        return sequences, out.sequences_scores.tolist()
+    transition = model.compute_transition_scores(out.sequences, out.scores, normalize_logits=True)
+    return sequences, [float(transition[i, :len(s)].sum()) for i, s in enumerate(sequences)]
+
+
+def _prompts(family, model, count=3) -> list[list[int]]:
+    rows = [e.ids for e in model.tokenizer.encode_batch(sample_prompts(count))]
+    return [r[:n] for r, n in zip(rows, (7, 13, 4, 9, 11)[:count])]  # different lengths: a padded batch
+
+
+def _eos_ids(family, model, rows) -> list[int]:
+    """Several eos ids that the random model really produces early, so sequences end at different steps."""
+    greedy = model.generate(input_ids=rows, max_new_tokens=12, eos_token_id=[]).sequences
+    candidates = [s[i] for s, i in zip(greedy, (4, 7, 2))]
+    return sorted(set(candidates + [model.tokens["eos_token_id"][0]]))
+
+
+@pytest.mark.parametrize("options", SETTINGS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
+def test_batched_generate_equals_transformers(family, options):
+    model = load(family["export"])
+    reference = _reference_model(family)
+    rows = _prompts(family, model)
+    eos = _eos_ids(family, model, rows)
+    pad = model.tokens["pad_token_id"]
+    expected, expected_scores = transformers_generate(reference, rows, model.kind, eos, pad, **options)
+    output = model.generate(input_ids=rows, eos_token_id=eos, **options)
+    assert output.sequences == expected
+    if set(options) <= {"max_new_tokens", "num_beams", "num_return_sequences", "length_penalty"}:
+        assert any(s and s[-1] in eos for s in output.sequences), "the eos ids never ended a sequence"
+    np.testing.assert_allclose(output.scores, expected_scores, atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.parametrize("options", SETTINGS[:3], ids=["greedy", "beams4", "beams3x2"])
+def test_single_prompt_equals_transformers(family, options):
+    model = load(family["export"])
+    rows = _prompts(family, model, 1)
+    pad = model.tokens["pad_token_id"]
+    eos = model.tokens["eos_token_id"]
+    expected, _ = transformers_generate(_reference_model(family), rows, model.kind, eos, pad, **options)
+    assert model.generate(input_ids=rows, **options).sequences == expected
+
+
+def test_text_prompts_and_decoded_texts(family):
+    model = load(family["export"])
+    prompts = sample_prompts(2)
+    output = model.generate(prompts, max_new_tokens=6, num_beams=2)
+    rows = [e.ids for e in model.tokenizer.encode_batch(prompts)]
+    assert output.sequences == model.generate(input_ids=rows, max_new_tokens=6, num_beams=2).sequences
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(family["checkpoint"])
+    assert output.texts == [tokenizer.decode(s, skip_special_tokens=True) for s in output.sequences]
+
+
+def test_sampling_is_reproducible_and_top_k_1_is_greedy(family):
+    model = load(family["export"])
+    rows = _prompts(family, model)
+    first = model.generate(input_ids=rows, do_sample=True, seed=7, max_new_tokens=10, top_p=0.9, temperature=0.8)
+    again = model.generate(input_ids=rows, do_sample=True, seed=7, max_new_tokens=10, top_p=0.9, temperature=0.8)
+    other = model.generate(input_ids=rows, do_sample=True, seed=8, max_new_tokens=10, top_k=0)
+    assert first.sequences == again.sequences
+    assert first.sequences != other.sequences
+    greedy = model.generate(input_ids=rows, max_new_tokens=10)
+    assert model.generate(input_ids=rows, do_sample=True, top_k=1, seed=3, max_new_tokens=10).sequences == \
+        greedy.sequences
+    several = model.generate(input_ids=rows, do_sample=True, seed=1, num_return_sequences=3, max_new_tokens=5)
+    assert len(several.sequences) == 9
+
+
+def test_stream_equals_generate(family):
+    model = load(family["export"])
+    for prompt in sample_prompts(3):
+        pieces = list(model.stream(prompt, max_new_tokens=15))
+        assert "".join(pieces) == model.generate(prompt, max_new_tokens=15).texts[0]
+    assert "".join(model.stream(prompt, max_new_tokens=8, num_beams=2)) == \
+        model.generate(prompt, max_new_tokens=8, num_beams=2).texts[0]
+
+
+def test_stop_strings_end_a_sequence(family):
+    model = load(family["export"])
+    prompt = sample_prompts(1)[0]
+    full = model.generate(prompt, max_new_tokens=15, eos_token_id=[]).texts[0]
+    stop = full.strip()[2:5] if len(full.strip()) > 5 else None
+    if not stop:
+        pytest.skip("the random model produced too little text for a stop string")
+    stopped = model.generate(prompt, max_new_tokens=15, eos_token_id=[], stop_strings=[stop]).texts[0]
+    assert stop in stopped and len(stopped) < len(full) or stopped.endswith(stop)
+
+
+def test_concurrent_generate_equals_serial(family):
+    model = load(family["export"], threads=1)
+    rows = _prompts(family, model)
+    jobs = [dict(max_new_tokens=8), dict(max_new_tokens=8, num_beams=3), dict(max_new_tokens=6, num_beams=2)] * 3
+    serial = [model.generate(input_ids=rows, **job).sequences for job in jobs]
+    results: list = [None] * len(jobs)
+
+    def work(index):
+        results[index] = model.generate(input_ids=rows, **jobs[index]).sequences
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(jobs))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert results == serial
+
+
+def test_zero_new_tokens_and_output_scores(family):
+    model = load(family["export"])
+    rows = _prompts(family, model, 2)
+    assert model.generate(input_ids=rows, max_new_tokens=0).sequences == [[], []]
+    output = model.generate(input_ids=rows, max_new_tokens=5, num_beams=2)
+    assert all(len(t) == len(s) for t, s in zip(output.token_scores, output.sequences))
+    assert output.metrics["prefill_seconds"] > 0

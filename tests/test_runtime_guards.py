@@ -1,0 +1,170 @@
+"""The runtime stays lean, rejects bad input with typed errors, and refuses broken folders."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from xmtf_onnx.runtime import (GenerationInputError, ManifestError, ProviderUnavailableError, XmtfError, load)
+
+BLOCKED = ("torch", "transformers", "optimum", "xmtf_onnx.export", "onnx", "sentencepiece")
+
+
+def test_runtime_imports_and_generates_without_torch(bloom_export, mt5_export):
+    script = textwrap.dedent(f"""
+        import sys
+        class Block:
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in {BLOCKED!r} or name.startswith("xmtf_onnx.export"):
+                    raise ImportError("blocked: " + name)
+        sys.meta_path.insert(0, Block())
+        from xmtf_onnx.runtime import load
+        for folder in ({str(bloom_export)!r}, {str(mt5_export)!r}):
+            out = load(folder).generate("Hello", max_new_tokens=3, num_beams=2)
+            assert len(out.sequences) == 1
+        loaded = sorted(m for m in sys.modules if m.split(".")[0] in {BLOCKED!r})
+        print("LOADED", loaded)
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "LOADED []" in result.stdout
+
+
+BAD_CALLS = [
+    (dict(prompts=[]), "empty"),
+    (dict(prompts=[""]), "empty"),
+    (dict(prompts=["ok", 3]), "not str"),
+    (dict(input_ids=[[1, "x"]]), "not an integer"),
+    (dict(input_ids=[[1, 2.5]]), "not an integer"),
+    (dict(input_ids=[[1, 10**9]]), "outside the vocabulary"),
+    (dict(input_ids=[[-1]]), "outside the vocabulary"),
+    (dict(input_ids=[[]]), "non-empty"),
+    (dict(input_ids=[]), "non-empty"),
+    (dict(input_ids=[[5]], max_new_tokens=-1), "max_new_tokens"),
+    (dict(input_ids=[[5]], num_beams=0), "num_beams"),
+    (dict(input_ids=[[5]], num_beams=2, num_return_sequences=3), "cannot exceed num_beams"),
+    (dict(input_ids=[[5]], do_sample=True, top_p=0.0), "top_p"),
+    (dict(input_ids=[[5]], do_sample=True, top_p=1.5), "top_p"),
+    (dict(input_ids=[[5]], do_sample=True, temperature=0.0), "temperature"),
+    (dict(input_ids=[[5]], do_sample=True, temperature=-1.0), "temperature"),
+    (dict(input_ids=[[5]], eos_token_id=[10**9]), "eos_token_id"),
+    (dict(input_ids=[[5]], frobnicate=1), "unknown generation option"),
+    (dict(input_ids=[[5]], early_stopping="sometimes"), "early_stopping"),
+    (dict(prompts=["a"], input_ids=[[5]]), "not both"),
+]
+
+
+@pytest.mark.parametrize("call, message", BAD_CALLS, ids=[m + str(i) for i, (_, m) in enumerate(BAD_CALLS)])
+def test_bad_input_is_a_typed_error(bloom_export, call, message):
+    model = load(bloom_export)
+    call = dict(call)
+    prompts = call.pop("prompts", None)
+    with pytest.raises(GenerationInputError, match=message) as raised:
+        model.generate(prompts, **call)
+    assert isinstance(raised.value, ValueError) and isinstance(raised.value, XmtfError)
+
+
+def test_unknown_provider(bloom_export):
+    with pytest.raises(ProviderUnavailableError, match="unknown provider"):
+        load(bloom_export, provider="tpu")
+    import onnxruntime
+
+    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+        with pytest.raises(ProviderUnavailableError, match="not available"):
+            load(bloom_export, provider="cuda")
+    with pytest.raises(ProviderUnavailableError, match="threads"):
+        load(bloom_export, threads=0)
+
+
+@pytest.fixture
+def copy_of(tmp_path, bloom_export):
+    target = tmp_path / "copy"
+    shutil.copytree(bloom_export, target)
+    return target
+
+
+def _edit_manifest(folder, change):
+    path = folder / "xmtf_manifest.json"
+    data = json.loads(path.read_text())
+    change(data)
+    path.write_text(json.dumps(data))
+
+
+def test_unknown_format_version(copy_of):
+    _edit_manifest(copy_of, lambda d: d.update(format_version=99))
+    with pytest.raises(ManifestError, match="format_version 99.*Re-export"):
+        load(copy_of)
+
+
+def test_corrupted_and_missing_files(copy_of):
+    data_file = copy_of / "decoder.onnx.data"
+    raw = bytearray(data_file.read_bytes())
+    raw[100] ^= 0xFF
+    data_file.write_bytes(bytes(raw))
+    with pytest.raises(ManifestError, match="sha256"):
+        load(copy_of)
+    data_file.unlink()
+    with pytest.raises(ManifestError, match="missing"):
+        load(copy_of)
+
+
+def test_manifest_checked_against_sessions(copy_of):
+    def change(data):
+        data["cache"]["head_dim"] = 9
+        data["io"]["decoder"]["outputs"].append("present_key.99")
+
+    _edit_manifest(copy_of, change)
+    with pytest.raises(ManifestError) as raised:
+        load(copy_of)
+    assert "head_dim=9" in str(raised.value) and "present_key.99" in str(raised.value)
+
+
+def test_not_an_export(tmp_path):
+    with pytest.raises(ManifestError, match="xmtf-onnx export"):
+        load(tmp_path)
+    with pytest.raises(ManifestError, match="not a folder"):
+        load(tmp_path / "missing")
+    (tmp_path / "xmtf_manifest.json").write_text("{not json")
+    with pytest.raises(ManifestError, match="JSON"):
+        load(tmp_path)
+
+
+def test_unknown_variant(bloom_export):
+    with pytest.raises(ManifestError, match="no variant 'int3'"):
+        load(bloom_export, variant="int3")
+
+
+def _cli(*args, stdin=None):
+    return subprocess.run([sys.executable, "-m", "xmtf_onnx.runtime.cli", *args], capture_output=True, text=True,
+                          input=stdin)
+
+
+def test_cli_generate(bloom_export, mt5_export):
+    from xmtf_onnx.runtime import load as load_model
+
+    model = load_model(mt5_export)
+    expected = model.generate("Hello world", max_new_tokens=5).texts[0]
+    result = _cli("generate", str(mt5_export), "Hello world", "--max-new-tokens", "5")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.rstrip("\n") == expected
+    result = _cli("generate", str(bloom_export), "--jsonl", "--max-new-tokens", "4", "--num-beams", "2",
+                  stdin="first prompt\nsecond prompt\n")
+    assert result.returncode == 0, result.stderr
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [line["input"] for line in lines] == ["first prompt", "second prompt"]
+    result = _cli("generate", str(bloom_export), "--ids", "5", "6", "7", "--max-new-tokens", "3")
+    assert result.returncode == 0 and len(result.stdout.split()) >= 1
+    result = _cli("generate", str(bloom_export), "x", "--num-beams", "0")
+    assert result.returncode == 1 and "num_beams" in result.stderr
+
+
+def test_cli_help_teaches():
+    result = _cli("--help")
+    assert result.returncode == 0 and "preset:mt0-small" in result.stdout
+    result = _cli("export", "--help")
+    assert "preset:NAME" in result.stdout and "--force" in result.stdout
