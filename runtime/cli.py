@@ -37,8 +37,8 @@ def _quantize(args: argparse.Namespace) -> int:
         print(f"error: quantize needs the export extra: pip install 'xmtf-onnx[export]' ({e})", file=sys.stderr)
         return 2
     for mode in args.mode:
-        quantize_folder(args.folder, mode, force=args.force)
-        print(f"{args.folder}: added variant {mode}")
+        name = quantize_folder(args.folder, mode, force=args.force)
+        print(f"{args.folder}: added variant {name}")
     return 0
 
 

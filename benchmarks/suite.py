@@ -1,0 +1,331 @@
+"""xmtf-onnx bench: the runtime against PyTorch and the rivals on the same token ids, one process per backend.
+
+Prepares, per model: a checkpoint folder (a real-architecture preset with random weights and a synthetic
+word-level tokenizer so CTranslate2 can convert it), the xmtf export (every quantized variant it holds is
+benchmarked), CTranslate2 conversions and Optimum's export when those are installed. Then it runs every
+backend on the settings grid with the generated length forced (min = max new tokens), and writes
+results.json, results.md and PNG plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from importlib import metadata
+
+import numpy as np
+
+QUICK = {"models": ["mt0-small"], "settings": ["1x1", "1x4", "8x1"], "repeats": 2}
+FULL = {"models": ["mt0-small", "mt0-base", "bloomz-560m"], "settings": ["1x1", "1x4", "8x1", "8x4"], "repeats": 3}
+ALL_BACKENDS = ["xmtf", "pytorch", "pytorch-int8", "ctranslate2", "optimum"]
+SHARED_PROMPTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data", "prompts.jsonl")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="xmtf-onnx bench", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=__doc__,
+        epilog="examples:\n  xmtf-onnx bench --quick\n  xmtf-onnx bench --models bloomz-560m --settings 1x1,8x4\n"
+               "  xmtf-onnx bench --backends xmtf,pytorch --new-tokens 16 --repeats 1")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"small grid: {QUICK['models']} x {QUICK['settings']}, {QUICK['repeats']} repeats")
+    parser.add_argument("--models", help=f"comma-separated presets (default {','.join(FULL['models'])})")
+    parser.add_argument("--settings", help="comma-separated BATCHxBEAMS (default 1x1,1x4,8x1,8x4)")
+    parser.add_argument("--backends", default=",".join(ALL_BACKENDS),
+                        help=f"comma-separated subset of {','.join(ALL_BACKENDS)}")
+    parser.add_argument("--new-tokens", type=int, default=32, help="tokens generated per sequence (forced)")
+    parser.add_argument("--prompt-tokens", default="24",
+                        help="prompt length in tokens, or 'real' for lengths of ../shared/data prompts")
+    parser.add_argument("--repeats", type=int, help="timed runs per setting after one warm-up")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="threads for every backend")
+    parser.add_argument("--provider", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--quantize", default="int8", help="xmtf variants to add to each export ('' for none)")
+    parser.add_argument("--work-dir", default="bench-results/work", help="checkpoints, exports and conversions")
+    parser.add_argument("--out", default="bench-results", help="where results.json/.md and plots go")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    base = QUICK if args.quick else FULL
+    args.models = args.models.split(",") if args.models else base["models"]
+    args.settings = args.settings.split(",") if args.settings else base["settings"]
+    args.repeats = args.repeats or base["repeats"]
+    args.backends = [b for b in args.backends.split(",") if b]
+    unknown = set(args.backends) - set(ALL_BACKENDS)
+    if unknown:
+        parser.error(f"unknown backend(s) {sorted(unknown)}; choose from {ALL_BACKENDS}")
+    for setting in args.settings:
+        try:
+            batch, beams = map(int, setting.split("x"))
+            if batch < 1 or beams < 1:
+                raise ValueError
+        except ValueError:
+            parser.error(f"setting {setting!r} is not BATCHxBEAMS with positive integers (e.g. 8x4)")
+    return args
+
+
+def _progress(iterable, enabled: bool, desc: str):
+    if not enabled:
+        return iterable
+    try:
+        from tqdm import tqdm
+
+        return tqdm(iterable, desc=desc, file=sys.stderr)
+    except ImportError:
+        return iterable
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def prepare_checkpoint(preset: str, folder: str) -> str:
+    """The preset with random weights, saved with a word-level tokenizer covering every id (t0, t1, ...)."""
+    if os.path.isfile(os.path.join(folder, "config.json")):
+        return folder
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    from xmtf_onnx.export.presets import preset_model
+
+    model = preset_model(preset)
+    config = model.config
+    specials = ({0: "<pad>", 1: "</s>", 2: "<unk>"} if config.model_type == "mt5"
+                else {0: "<unk>", 1: "<s>", 2: "</s>", 3: "<pad>"})
+    vocab = {specials.get(i, f"t{i}"): i for i in range(config.vocab_size)}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", eos_token="</s>",
+                                   pad_token="<pad>", **({"bos_token": "<s>"} if "<s>" in vocab else {}))
+    partial = folder + ".partial"
+    model.save_pretrained(partial)
+    fast.save_pretrained(partial)
+    os.rename(partial, folder)
+    return folder
+
+
+def prepare_rivals(checkpoint: str, work: str, backends: list[str], is_seq2seq: bool) -> dict[str, str | Exception]:
+    """Conversions the rivals need; an exception is kept and reported as that rival's failure."""
+    prepared: dict[str, str | Exception] = {}
+    if "ctranslate2" in backends:
+        for quantization in ("float32", "int8"):
+            target = os.path.join(work, f"ct2-{quantization}")
+            try:
+                if not os.path.isdir(target):
+                    import ctranslate2.converters
+
+                    ctranslate2.converters.TransformersConverter(checkpoint).convert(target, quantization=quantization)
+                prepared[f"ct2-{quantization}"] = target
+            except Exception as e:
+                prepared[f"ct2-{quantization}"] = e
+    if "optimum" in backends:
+        target = os.path.join(work, "optimum")
+        try:
+            if not os.path.isdir(target):
+                from optimum.onnxruntime import ORTModelForCausalLM, ORTModelForSeq2SeqLM
+
+                auto = ORTModelForSeq2SeqLM if is_seq2seq else ORTModelForCausalLM
+                auto.from_pretrained(checkpoint, export=True, use_cache=True).save_pretrained(target)
+            prepared["optimum-fp32"] = target
+            prepared["optimum-int8"] = _optimum_int8(target)
+        except Exception as e:
+            prepared.setdefault("optimum-fp32", e)
+            prepared["optimum-int8"] = e
+    return prepared
+
+
+def _optimum_int8(source: str) -> str:
+    """Optimum's own dynamic int8 (AVX512-VNNI, per channel) of every graph in its export."""
+    target = source + "-int8"
+    if os.path.isdir(target):
+        return target
+    from optimum.onnxruntime import ORTQuantizer
+    from optimum.onnxruntime.configuration import AutoQuantizationConfig
+
+    partial = target + ".partial"
+    config = AutoQuantizationConfig.avx512_vnni(is_static=False, per_channel=True)
+    for name in sorted(os.listdir(source)):
+        if name.endswith(".onnx"):
+            ORTQuantizer.from_pretrained(source, file_name=name).quantize(config, save_dir=partial)
+    for name in os.listdir(source):  # configs and tokenizer files beside the graphs
+        if not name.endswith((".onnx", ".onnx_data")) and not os.path.exists(os.path.join(partial, name)):
+            with open(os.path.join(source, name), "rb") as src, open(os.path.join(partial, name), "wb") as dst:
+                dst.write(src.read())
+    for name in os.listdir(partial):  # keep Optimum's file names so from_pretrained finds them
+        if name.endswith("_quantized.onnx"):
+            os.rename(os.path.join(partial, name), os.path.join(partial, name.replace("_quantized.onnx", ".onnx")))
+    os.rename(partial, target)
+    return target
+
+
+def prompt_rows(vocab: int, batch: int, spec: str, seed: int) -> list[list[int]]:
+    """Token ids (ids 4.. so no special token) of `spec` tokens, or real prompt lengths from ../shared/data."""
+    rng = np.random.default_rng(seed)
+    if spec == "real":
+        lengths = _real_prompt_lengths()
+        chosen = [lengths[i % len(lengths)] for i in range(seed, seed + batch)]
+    else:
+        chosen = [int(spec)] * batch
+    return [rng.integers(4, vocab, size=n).tolist() for n in chosen]
+
+
+def _real_prompt_lengths() -> list[int]:
+    """Token counts of the shared multilingual prompts under a byte-level BPE trained on them (no real
+    mT5/BLOOM tokenizer is available offline); synthetic 24 tokens when the data is absent."""
+    if not os.path.isfile(SHARED_PROMPTS):
+        _log("../shared/data/prompts.jsonl not found: using 24-token prompts")
+        return [24]
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    with open(SHARED_PROMPTS, encoding="utf-8") as handle:
+        texts = [json.loads(line)["prompt"] for line in handle]
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=8000, show_progress=False))
+    return [len(e.ids) for e in tokenizer.encode_batch(texts)]
+
+
+def machine() -> dict:
+    info = {"platform": platform.platform(), "python": platform.python_version(), "cores": os.cpu_count()}
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            lines = handle.read().splitlines()
+        info["cpu"] = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "")
+        flags = next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), [])
+        info["flags"] = sorted(f for f in flags if f.startswith(("avx", "amx", "fma", "f16c")))
+    except OSError:
+        pass
+    try:
+        import onnxruntime
+
+        info["onnxruntime_providers"] = onnxruntime.get_available_providers()
+    except ImportError:
+        pass
+    return info
+
+
+def versions() -> dict:
+    found = {}
+    for name in ("xmtf-onnx", "onnxruntime", "onnxruntime-gpu", "torch", "transformers", "optimum", "optimum-onnx",
+                 "ctranslate2", "numpy", "tokenizers"):
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return found
+
+
+def jobs_for(model_name: str, export_dir: str, checkpoint: str, rivals: dict, backends: list[str]) -> list[dict]:
+    from xmtf_onnx.runtime.manifest import read_manifest
+
+    jobs = []
+    if "xmtf" in backends:
+        for variant in read_manifest(export_dir).variants:
+            jobs.append({"name": f"xmtf {variant}", "backend": "xmtf", "variant": variant})
+    if "pytorch" in backends:
+        jobs.append({"name": "pytorch fp32", "backend": "pytorch", "variant": "fp32"})
+    if "pytorch-int8" in backends:
+        jobs.append({"name": "pytorch int8-dynamic", "backend": "pytorch", "variant": "int8-dynamic"})
+    for key, target in rivals.items():
+        backend, variant = key.split("-", 1)
+        backend = {"ct2": "ctranslate2"}.get(backend, backend)
+        jobs.append({"name": f"{backend} {variant}", "backend": backend, "variant": variant,
+                     "rival_dir": target if isinstance(target, str) else None,
+                     "prepare_error": None if isinstance(target, str) else f"{type(target).__name__}: {target}"})
+    for job in jobs:
+        job.update(model=model_name, export_dir=export_dir, checkpoint=checkpoint)
+    return jobs
+
+
+def run_job(job: dict, settings: dict, args: argparse.Namespace) -> dict:
+    if job.get("prepare_error"):
+        return {"name": job["name"], "status": "failed", "error": job["prepare_error"], "settings": {}}
+    spec = dict(job, settings=settings, new_tokens=args.new_tokens, repeats=args.repeats, warmup=1,
+                threads=args.threads, provider=args.provider)
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as handle:
+        json.dump(spec, handle)
+    try:
+        completed = subprocess.run([sys.executable, "-m", "xmtf_onnx.benchmarks.worker", handle.name],
+                                   capture_output=True, text=True)
+    finally:
+        os.unlink(handle.name)
+    lines = [line for line in completed.stdout.splitlines() if line.startswith("{")]
+    if not lines:
+        tail = (completed.stderr or "").strip().splitlines()[-1:] or ["no output"]
+        return {"name": job["name"], "status": "failed", "settings": {},
+                "error": f"worker exited {completed.returncode}: {tail[0][:400]}"}
+    return json.loads(lines[-1])
+
+
+def summarize(result: dict) -> None:
+    """Add tokens/s, first-token and per-token p50/p90 to every setting of a worker's result."""
+    for entry in result.get("settings", {}).values():
+        runs = entry["runs"]
+        totals = [r["total_seconds"] for r in runs]
+        steps = [s for r in runs for s in r["step_seconds"]]
+        firsts = [r["first_token_seconds"] for r in runs if r["first_token_seconds"] is not None]
+        entry["tokens"] = runs[0]["tokens"]
+        entry["tokens_per_second"] = runs[0]["tokens"] / float(np.median(totals))
+        entry["total_seconds_median"] = float(np.median(totals))
+        entry["first_token_seconds"] = float(np.median(firsts)) if firsts else None
+        entry["step_p50_ms"] = float(np.percentile(steps, 50) * 1e3) if steps else None
+        entry["step_p90_ms"] = float(np.percentile(steps, 90) * 1e3) if steps else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    os.makedirs(args.work_dir, exist_ok=True)
+    os.makedirs(args.out, exist_ok=True)
+    report = {"created": time.strftime("%Y-%m-%d %H:%M:%S"), "command": "xmtf-onnx bench " + " ".join(argv or []),
+              "machine": machine(), "versions": versions(), "provider": args.provider, "threads": args.threads,
+              "new_tokens": args.new_tokens, "prompt_tokens": args.prompt_tokens, "repeats": args.repeats,
+              "warmup": 1, "models": {}}
+    progress = not args.no_progress
+    for model_name in args.models:
+        work = os.path.join(args.work_dir, model_name)
+        os.makedirs(work, exist_ok=True)
+        _log(f"== {model_name}: preparing checkpoint, export and rival conversions (cached in {work})")
+        checkpoint = prepare_checkpoint(model_name, os.path.join(work, "checkpoint"))
+        export_dir = os.path.join(work, "xmtf")
+        if not os.path.isdir(export_dir):
+            from xmtf_onnx.export import export
+
+            modes = [m for m in args.quantize.split(",") if m]
+            export(checkpoint, export_dir, progress=progress, quantize=modes)
+        from xmtf_onnx.runtime.manifest import read_manifest
+
+        manifest = read_manifest(export_dir)
+        vocab = manifest.data["tokenizer"]["vocab_size"] if manifest.data.get("tokenizer") else manifest.tokens["vocab_size"]
+        rivals = prepare_rivals(checkpoint, work, args.backends, manifest.kind == "seq2seq")
+        settings = {}
+        for index, setting in enumerate(args.settings):
+            batch, beams = map(int, setting.split("x"))
+            settings[setting] = {"batch": batch, "beams": beams,
+                                 "rows": prompt_rows(vocab, batch, args.prompt_tokens, seed=index)}
+        results = []
+        for job in _progress(jobs_for(model_name, export_dir, checkpoint, rivals, args.backends), progress,
+                             f"{model_name} backends"):
+            result = run_job(job, settings, args)
+            summarize(result)
+            results.append(result)
+            if result["status"] != "ok":
+                _log(f"   {job['name']}: FAILED {result.get('error')}")
+        report["models"][model_name] = {
+            "kind": manifest.kind, "num_parameters": manifest.data["num_parameters"],
+            "settings": {k: {"batch": v["batch"], "beams": v["beams"], "prompt_lengths": [len(r) for r in v["rows"]]}
+                         for k, v in settings.items()},
+            "backends": results,
+        }
+    from .report import write_reports
+
+    paths = write_reports(report, args.out)
+    for path in paths:
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

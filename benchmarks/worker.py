@@ -1,0 +1,46 @@
+"""Runs one backend on every setting in its own process: python -m xmtf_onnx.benchmarks.worker SPEC.json
+
+Prints one JSON line: load seconds, peak RSS, size on disk and, per setting, the timings of each repeat.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import time
+import traceback
+
+
+def main(spec_path: str) -> int:
+    started = time.perf_counter()
+    with open(spec_path, encoding="utf-8") as handle:
+        spec = json.load(handle)
+    result: dict = {"name": spec["name"], "settings": {}}
+    try:
+        from .backends import BACKENDS
+
+        backend = BACKENDS[spec["backend"]](spec)
+        result["load_seconds"] = time.perf_counter() - started  # imports included, as a user pays them
+        result["size_bytes"] = backend.size
+        for key, setting in spec["settings"].items():
+            rows = setting["rows"]
+            runs = []
+            for repeat in range(spec["warmup"] + spec["repeats"]):
+                tokens, first, steps, total = backend.run(rows, setting["beams"], spec["new_tokens"])
+                if repeat >= spec["warmup"]:
+                    runs.append({"tokens": tokens, "first_token_seconds": first, "step_seconds": steps,
+                                 "total_seconds": total})
+            result["settings"][key] = {"runs": runs}
+        result["status"] = "ok"
+    except Exception as e:  # a failing rival is reported with its error, not dropped
+        result["status"] = "failed"
+        result["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:400] if str(e) else ''}"
+        result["traceback"] = traceback.format_exc()[-2000:]
+    result["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1]))
