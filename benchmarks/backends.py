@@ -23,7 +23,9 @@ class XmtfBackend:
         self.model = load(spec["export_dir"], provider=spec["provider"], threads=spec["threads"],
                           variant=spec["variant"], verify=False)
         entry = self.model.manifest.variant(spec["variant"])
-        self.size = sum(item["bytes"] for f in entry["files"].values() for item in [f, *f["data"]])
+        # Files shared by several graphs (mT0's embedding) count once.
+        self.size = sum({item["path"]: item["bytes"] for f in entry["files"].values()
+                         for item in [f, *f["data"]]}.values())
 
     def run(self, rows, beams: int, new_tokens: int):
         began = time.perf_counter()

@@ -15,6 +15,11 @@ def _is_rival(name: str) -> bool:
     return not name.startswith("xmtf")
 
 
+def _precision(name: str) -> str:
+    """'fp32' or 'quantized': a variant is compared with the rivals of its own class."""
+    return "fp32" if name.endswith(("fp32", "float32")) else "quantized"
+
+
 def markdown(report: dict) -> str:
     machine = report["machine"]
     lines = [f"# xmtf-onnx benchmark ({report['created']})", "",
@@ -23,7 +28,8 @@ def markdown(report: dict) -> str:
              f"{report['prompt_tokens']} tokens; median of {report['repeats']} runs after {report['warmup']} warm-up.",
              "Versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()), "",
              "tok/s = generated tokens returned per second (batch × new tokens / wall time); "
-             "×pt = against PyTorch fp32; ×rival = against the fastest rival (non-xmtf) in the same setting; "
+             "×pt = against PyTorch fp32; ×rival = against the fastest rival (non-xmtf) of the same class (fp32 "
+             "against fp32, quantized against quantized) in the same setting; "
              "TTFT = time to first token; p50/p90 = per-token decode latency; RSS = peak resident memory of the "
              "backend's own process.", ""]
     for model_name, model in report["models"].items():
@@ -50,7 +56,8 @@ def markdown(report: dict) -> str:
                 speed = entry["tokens_per_second"]
                 base = baseline["settings"][setting]["tokens_per_second"] if baseline else None
                 rivals = [b["settings"][setting]["tokens_per_second"] for b in ok
-                          if _is_rival(b["name"]) and setting in b["settings"] and b is not backend]
+                          if _is_rival(b["name"]) and setting in b["settings"] and b is not backend
+                          and _precision(b["name"]) == _precision(backend["name"])]
                 row += [_fmt(speed), _fmt(speed / base if base else None, "{:.2f}"),
                         _fmt(speed / max(rivals) if rivals else None, "{:.2f}"),
                         _fmt(entry["first_token_seconds"] * 1e3 if entry["first_token_seconds"] else None, "{:.0f}"),

@@ -35,7 +35,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                "  xmtf-onnx bench --backends xmtf,pytorch --new-tokens 16 --repeats 1")
     parser.add_argument("--quick", action="store_true",
                         help=f"small grid: {QUICK['models']} x {QUICK['settings']}, {QUICK['repeats']} repeats")
-    parser.add_argument("--models", help=f"comma-separated presets (default {','.join(FULL['models'])})")
+    parser.add_argument("--models", help=f"comma-separated presets or checkpoint folders "
+                                         f"(default {','.join(FULL['models'])})")
     parser.add_argument("--settings", help="comma-separated BATCHxBEAMS (default 1x1,1x4,8x1,8x4)")
     parser.add_argument("--backends", default=",".join(ALL_BACKENDS),
                         help=f"comma-separated subset of {','.join(ALL_BACKENDS)}")
@@ -284,11 +285,13 @@ def main(argv: list[str] | None = None) -> int:
               "new_tokens": args.new_tokens, "prompt_tokens": args.prompt_tokens, "repeats": args.repeats,
               "warmup": 1, "models": {}}
     progress = not args.no_progress
-    for model_name in args.models:
+    for model in args.models:
+        # A preset name, or a checkpoint folder (the tests use tiny ones)
+        model_name = os.path.basename(os.path.normpath(model)) if os.path.isdir(model) else model
         work = os.path.join(args.work_dir, model_name)
         os.makedirs(work, exist_ok=True)
         _log(f"== {model_name}: preparing checkpoint, export and rival conversions (cached in {work})")
-        checkpoint = prepare_checkpoint(model_name, os.path.join(work, "checkpoint"))
+        checkpoint = model if os.path.isdir(model) else prepare_checkpoint(model, os.path.join(work, "checkpoint"))
         export_dir = os.path.join(work, "xmtf")
         if not os.path.isdir(export_dir):
             from xmtf_onnx.export import export

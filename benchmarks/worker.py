@@ -12,6 +12,19 @@ import time
 import traceback
 
 
+def peak_rss_bytes() -> int:
+    """This process's high-water RSS. VmHWM, not ru_maxrss: Linux carries ru_maxrss across exec, so a worker
+    started by a parent holding a big model would report the parent's peak."""
+    try:
+        with open("/proc/self/status", encoding="utf-8") as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def main(spec_path: str) -> int:
     started = time.perf_counter()
     with open(spec_path, encoding="utf-8") as handle:
@@ -37,7 +50,7 @@ def main(spec_path: str) -> int:
         result["status"] = "failed"
         result["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:400] if str(e) else ''}"
         result["traceback"] = traceback.format_exc()[-2000:]
-    result["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    result["peak_rss_bytes"] = peak_rss_bytes()
     print(json.dumps(result))
     return 0
 

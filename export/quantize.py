@@ -59,7 +59,8 @@ def _quantize_graph(source: str, target: str, mode: str, block_size: int) -> dic
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
         quantize_dynamic(model, target, weight_type=QuantType.QInt8, per_channel=True, op_types_to_quantize=["MatMul"],
-                         use_external_data_format=True, extra_options={"MatMulConstBOnly": True, "DefaultTensorType": onnx.TensorProto.FLOAT})
+                         use_external_data_format=True,
+                         extra_options={"MatMulConstBOnly": True, "DefaultTensorType": onnx.TensorProto.FLOAT})
         return {"method": "dynamic", "weight_type": "int8", "per_channel": True, "ops": ["MatMul"],
                 "activations": "uint8, quantized per call (DynamicQuantizeLinear)", "providers": ["cpu"]}
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
