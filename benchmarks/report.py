@@ -31,7 +31,7 @@ def markdown(report: dict) -> str:
              "×pt = against PyTorch fp32; ×rival = against the fastest rival (non-xmtf) of the same class (fp32 "
              "against fp32, quantized against quantized) in the same setting; "
              "TTFT = time to first token; p50/p90 = per-token decode latency; RSS = peak resident memory of the "
-             "backend's own process.", ""]
+             "backend's own process. xmtf load times are with verify=False (sizes checked, no sha256).", ""]
     for model_name, model in report["models"].items():
         lines += [f"## {model_name} ({model['num_parameters'] / 1e6:.0f}M parameters, {model['kind']})", ""]
         settings = list(model["settings"])
