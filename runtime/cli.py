@@ -68,6 +68,10 @@ def _generate(args: argparse.Namespace) -> int:
         _print(output, [args.ids], args.jsonl)
         return 0
     prompts = _read_prompts(args)
+    if prompts and model.tokenizer is None:
+        print(f"error: {args.model_dir} has no tokenizer.json (random-weight presets have none): "
+              "pass token ids with --ids 5 6 7", file=sys.stderr)
+        return 2
     if not prompts:
         print("error: no prompt: give PROMPT arguments, --file FILE, text on stdin, or --ids", file=sys.stderr)
         return 2
