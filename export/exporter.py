@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import sys
@@ -17,7 +16,7 @@ from xmtf_onnx.runtime.manifest import FORMAT_VERSION, ROLES, sha256_of, write_m
 from xmtf_onnx.runtime.session import make_session
 
 from .errors import ExportError, ModelLoadError, OutputExistsError, ValidationError
-from .families import FAMILIES, family_for_model_type
+from .families import family_for_model_type
 from .graph import save_graphs
 
 EXPORTER_VERSION = "0.1.0"
@@ -126,12 +125,14 @@ def _generation_defaults(model) -> dict[str, Any]:
     return {key: getattr(generation, key) for key in GENERATION_KEYS if getattr(generation, key, None) is not None}
 
 
-def _file_entry(folder: str, filename: str) -> dict[str, Any]:
+def file_entry(folder: str, filename: str) -> dict[str, Any]:
+    """A graph file and the external-data files it points into (paths relative to folder), with sha256."""
     import onnx
 
     model = onnx.load(os.path.join(folder, filename), load_external_data=False)
-    data_files = sorted({entry.value for tensor in model.graph.initializer for entry in tensor.external_data
-                         if entry.key == "location"})
+    base = os.path.dirname(filename)
+    data_files = sorted({os.path.join(base, entry.value) for tensor in model.graph.initializer
+                         for entry in tensor.external_data if entry.key == "location"})
     describe = lambda name: {"path": name, "bytes": os.path.getsize(os.path.join(folder, name)),  # noqa: E731
                              "sha256": sha256_of(os.path.join(folder, name))}
     return dict(describe(filename), data=[describe(name) for name in data_files])
@@ -213,7 +214,7 @@ def export(source: str, output: str | os.PathLike, force: bool = False, toleranc
             "model_type": model.config.model_type,
             "num_parameters": int(sum(p.numel() for p in model.parameters())),
             "variants": {"fp32": {"quantization": None,
-                                  "files": {role: _file_entry(temporary, name) for role, name in roles.items()}}},
+                                  "files": {role: file_entry(temporary, name) for role, name in roles.items()}}},
             "io": io,
             **fields,
             "tokens": _token_fields(model),
@@ -263,14 +264,5 @@ def _replace(temporary: str, output: str, force: bool) -> None:
         os.rename(temporary, output)
 
 
-def describe_families() -> str:
-    return ", ".join(f"{name} ({', '.join(f.model_types)})" for name, f in FAMILIES.items())
-
-
 def folder_size(folder: str) -> int:
     return sum(os.path.getsize(os.path.join(folder, name)) for name in os.listdir(folder))
-
-
-def manifest_json(folder: str) -> dict:
-    with open(os.path.join(folder, "xmtf_manifest.json"), encoding="utf-8") as handle:
-        return json.load(handle)

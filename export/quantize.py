@@ -18,9 +18,10 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from xmtf_onnx.runtime.manifest import read_manifest, sha256_of
+from xmtf_onnx.runtime.manifest import read_manifest
 
 from .errors import ExportError, OutputExistsError
+from .exporter import file_entry
 
 MODES = ("int8-dynamic", "int8-weight", "int4-weight")
 ALIASES = {"int8": "int8-dynamic"}
@@ -92,20 +93,10 @@ def add_variant(folder: str, manifest: dict, mode: str, block_size: int = DEFAUL
         shutil.rmtree(partial, ignore_errors=True)
         raise
     for role in manifest["variants"]["fp32"]["files"]:
-        files[role] = _describe(folder, os.path.join(name, f"{role}.onnx"))
+        files[role] = file_entry(folder, os.path.join(name, f"{role}.onnx"))
     details["onnxruntime"] = onnxruntime.__version__
     manifest["variants"][name] = {"quantization": dict(details, mode=name), "files": files}
     return name
-
-
-def _describe(folder: str, relative: str) -> dict:
-    model = onnx.load(os.path.join(folder, relative), load_external_data=False)
-    base = os.path.dirname(relative)
-    data = sorted({os.path.join(base, e.value) for t in model.graph.initializer for e in t.external_data
-                   if e.key == "location"})
-    describe = lambda path: {"path": path, "bytes": os.path.getsize(os.path.join(folder, path)),  # noqa: E731
-                             "sha256": sha256_of(os.path.join(folder, path))}
-    return dict(describe(relative), data=[describe(p) for p in data])
 
 
 def quantize_folder(folder: str, mode: str, force: bool = False, block_size: int = DEFAULT_BLOCK_SIZE) -> str:

@@ -136,7 +136,7 @@ def topk_sorted(values: np.ndarray, k: int) -> np.ndarray:
 
 def sample_tokens(runner, state, config: GenerationConfig, stop_check: Callable | None,
                   timer: StepTimer) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Greedy or multinomial decoding; yields (tokens [rows], still running before this step [rows]).
+    """Greedy or multinomial decoding; yields (tokens [rows], running before this step [rows], log-probs or None).
 
     Finished rows keep producing pad_token_id, as in transformers, and are not reported as running.
     """
