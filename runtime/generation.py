@@ -12,6 +12,8 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from .errors import InferenceError
+
 NEG_INF = -np.inf
 BEAM_FILL = -1.0e9  # transformers' "impossible" beam score
 
@@ -123,6 +125,45 @@ def log_softmax(scores: np.ndarray) -> np.ndarray:
     return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
 
 
+def log_softmax_inplace(scores: np.ndarray, rows_per_chunk: int = 8) -> np.ndarray:
+    """log_softmax of a float32 [rows, vocab] array, written over it (same arithmetic as log_softmax).
+
+    Rows are done a few at a time so that the exp temporary stays small (beam search has batch*beams rows
+    of a 250k vocabulary)."""
+    for start in range(0, scores.shape[0], rows_per_chunk):
+        block = scores[start:start + rows_per_chunk]  # [chunk, vocab], a view
+        block -= block.max(axis=-1, keepdims=True)
+        block -= np.log(np.exp(block).sum(axis=-1, keepdims=True))
+    return scores
+
+
+def beam_candidates(log_probs: np.ndarray, running_scores: np.ndarray, keep: int) -> tuple[np.ndarray, np.ndarray]:
+    """The `keep` best (beam, token) continuations per batch item, best first, as transformers' top-k over
+    log_probs + running score flattened to [batch, beams*vocab] (ties: lower flat index first).
+
+    Never materialises [batch, beams*vocab]: each row's k-th largest value is at least the smallest of the
+    maxima of k disjoint slices of the row, so only the entries at or above that bound can be chosen.
+    log_probs [batch*beams, vocab], running_scores [batch, beams] -> flat indices and scores, [batch, keep].
+    """
+    rows, vocab = log_probs.shape
+    batch, beams = running_scores.shape
+    slices = min(keep, vocab)
+    usable = vocab // slices * slices
+    bound = log_probs[:, :usable].reshape(rows, slices, -1).max(axis=2).min(axis=1)  # [rows]
+    flat = np.flatnonzero(log_probs >= bound[:, None])  # a few entries per row
+    row, token = np.divmod(flat, vocab)
+    total = log_probs.ravel()[flat] + running_scores.ravel()[row]  # the same float32 sum as the dense form
+    item, index = np.divmod(row, beams)
+    index = index * vocab + token  # [beams*vocab] flat index within the batch item
+    if np.bincount(item, minlength=batch).min() < keep:  # only NaN logits compare false everywhere
+        raise InferenceError("the model produced NaN logits; beam search cannot rank them. With an fp16 "
+                             "variant, use the fp32 or bf16 one.")
+    order = np.lexsort((index, -total, item))  # by item, then score descending, then index
+    first = np.searchsorted(item[order], np.arange(batch))  # each item has >= keep candidates
+    picked = order[first[:, None] + np.arange(keep)]  # [batch, keep]
+    return index[picked], total[picked]
+
+
 def topk_sorted(values: np.ndarray, k: int) -> np.ndarray:
     """Indices of the k largest per row, largest first. values [rows, n] -> [rows, k]"""
     if k >= values.shape[1]:
@@ -218,25 +259,23 @@ def run_beam_search(runner, state, config: GenerationConfig, stop_check, timer: 
     cur_len = prompt_length
     while True:
         history = running_sequences[:, :, :cur_len].reshape(rows, cur_len)
-        log_probs = process(log_softmax(logits.astype(np.float32)), history, cur_len - prompt_length, config)
+        log_probs = log_softmax_inplace(np.asarray(logits, dtype=np.float32))  # [rows, vocab], the step's own buffer
+        log_probs = process(log_probs, history, cur_len - prompt_length, config)
+        vocab = log_probs.shape[-1]
         if config.do_sample:
             log_probs = warp(log_probs, config)
-        vocab = log_probs.shape[-1]
-        step_log_probs = log_probs.reshape(batch, num_beams, vocab)
-        accumulated = (step_log_probs + running_scores[:, :, None]).reshape(batch, num_beams * vocab)
-        if config.do_sample:
+            accumulated = (log_probs.reshape(batch, num_beams, vocab) + running_scores[:, :, None]).reshape(batch, -1)
             probabilities = softmax(accumulated.astype(np.float64))
             candidates = np.stack([rng.choice(accumulated.shape[1], size=beams_to_keep, replace=False, p=p)
-                                   for p in probabilities])
+                                   for p in probabilities])  # [batch, keep]
+            topk_log_probs = np.take_along_axis(accumulated, candidates, axis=1)
         else:
-            candidates = topk_sorted(accumulated, beams_to_keep)  # [batch, keep]
-        topk_log_probs = np.take_along_axis(accumulated, candidates, axis=1)
+            candidates, topk_log_probs = beam_candidates(log_probs, running_scores, beams_to_keep)  # [batch, keep]
         source_beam, topk_ids = candidates // vocab, candidates % vocab
         topk_sequences = np.take_along_axis(running_sequences, source_beam[:, :, None], axis=1)
         topk_sequences[:, :, cur_len] = topk_ids
         topk_token_scores = np.take_along_axis(running_token_scores, source_beam[:, :, None], axis=1)
-        topk_token_scores[:, :, cur_len - prompt_length] = np.take_along_axis(
-            step_log_probs.reshape(batch, num_beams * vocab), candidates, axis=1)
+        topk_token_scores[:, :, cur_len - prompt_length] = log_probs[source_beam + batch_offset, topk_ids]
 
         hits = np.isin(topk_ids, eos) | (cur_len + 1 >= max_length)
         if stop_check is not None:

@@ -30,13 +30,16 @@ class DecodeState:
 
 
 def _run(session: ort.InferenceSession, device: str, cpu_inputs: dict[str, np.ndarray],
-         value_inputs: dict[str, ort.OrtValue], device_outputs: list[str], cpu_outputs: list[str]
-         ) -> list[ort.OrtValue]:
+         value_inputs: dict[str, ort.OrtValue], device_outputs: list[str], cpu_outputs: list[str],
+         output_values: dict[str, ort.OrtValue] | None = None) -> list[ort.OrtValue]:
+    """One run through IO binding; outputs in the order: output_values, cpu_outputs, device_outputs."""
     binding = session.io_binding()
     for name, array in cpu_inputs.items():
         binding.bind_cpu_input(name, array)
     for name, value in value_inputs.items():
         binding.bind_ortvalue_input(name, value)
+    for name, value in (output_values or {}).items():
+        binding.bind_ortvalue_output(name, value)
     for name in cpu_outputs:
         binding.bind_output(name, "cpu")
     for name in device_outputs:
@@ -55,6 +58,7 @@ class Runner:
         self.manifest, self.sessions, self.device = manifest, sessions, device
         cache = manifest.cache
         self.num_layers, self.num_heads, self.head_dim = cache["num_layers"], cache["num_heads"], cache["head_dim"]
+        self.cache_dtype = np.dtype(cache.get("dtype", "float32"))
         layers = range(self.num_layers)
         self.past_names = [n for i in layers for n in (cache["past_key"].format(layer=i),
                                                        cache["past_value"].format(layer=i))]
@@ -63,17 +67,25 @@ class Runner:
 
     def _empty_past(self, rows: int) -> list[ort.OrtValue]:
         shape = [rows, self.num_heads, 0, self.head_dim]  # [rows, heads, 0, d]
-        return [ort.OrtValue.ortvalue_from_shape_and_type(shape, np.float32, self.device, 0)
+        return [ort.OrtValue.ortvalue_from_shape_and_type(shape, self.cache_dtype, self.device, 0)
                 for _ in self.past_names]
 
     def _decode(self, state: DecodeState, feeds: dict[str, np.ndarray], beam_idx: np.ndarray) -> np.ndarray:
-        """One decoder call: feeds + past -> logits [rows, vocab] on the host; presents stay on the device."""
+        """One decoder call: feeds + past -> logits [rows, vocab] on the host; presents stay on the device.
+
+        The logits are a fresh buffer each call (bound anew), which the caller may overwrite."""
         values = dict(zip(self.past_names, state.past))
         values.update(zip(self.cross_names, state.cross))
         feeds["beam_idx"] = beam_idx
-        outputs = _run(self.sessions["decoder"], self.device, feeds, values, self.present_names, ["logits"])
-        state.past = outputs[1:]
-        return outputs[0].numpy()
+        # The presents are allocated here, outside onnxruntime's arena: they outlive the run, and a cache that
+        # grows by one position per step would otherwise fragment the arena (measured: +0.5 GB at 8x4 beams).
+        rows, new = feeds["input_ids"].shape
+        shape = [rows, self.num_heads, state.past[0].shape()[2] + new, self.head_dim]  # [rows, heads, seq, d]
+        presents = {name: ort.OrtValue.ortvalue_from_shape_and_type(shape, self.cache_dtype, self.device, 0)
+                    for name in self.present_names}
+        outputs = _run(self.sessions["decoder"], self.device, feeds, values, [], ["logits"], presents)
+        state.past = list(presents.values())
+        return outputs[-1].numpy()
 
     cross_names: list[str] = []
 

@@ -40,6 +40,9 @@ def make_session(path: str, provider: str = "cpu", threads: int | None = None,
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3
+        # Memory patterns pay off for fixed shapes; here every decode step has a new one (the cache grows),
+        # and the per-shape blocks cost 0.3 GB of peak memory at 8x4 beams on bloomz-560m.
+        options.enable_mem_pattern = False
     if threads is not None:
         if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
             raise ProviderUnavailableError(f"threads must be a positive integer, not {threads!r}")

@@ -167,3 +167,21 @@ def test_zero_new_tokens_and_output_scores(family):
     output = model.generate(input_ids=rows, max_new_tokens=5, num_beams=2)
     assert all(len(t) == len(s) for t, s in zip(output.token_scores, output.sequences))
     assert output.metrics["prefill_seconds"] > 0
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_beam_candidates_equal_the_dense_top_k(seed):
+    """The sparse candidate search equals a dense stable top-k over [batch, beams*vocab], ties and -inf included."""
+    from xmtf_onnx.runtime.generation import beam_candidates
+
+    rng = np.random.default_rng(seed)
+    batch, beams, vocab, keep = 3, 4, 37 + seed * 50, 8
+    log_probs = rng.integers(-6, 0, size=(batch * beams, vocab)).astype(np.float32)  # many ties
+    log_probs[rng.random(log_probs.shape) < 0.2] = -np.inf
+    running = rng.integers(-3, 0, size=(batch, beams)).astype(np.float32)
+    running[:, 1:] = -1e9 if seed == 0 else running[:, 1:]  # the first step: one live beam per item
+    dense = (log_probs.reshape(batch, beams, vocab) + running[:, :, None]).reshape(batch, -1)
+    expected = np.stack([np.lexsort((np.arange(row.size), -row))[:keep] for row in dense])
+    indices, scores = beam_candidates(log_probs, running, keep)
+    np.testing.assert_array_equal(indices, expected)
+    np.testing.assert_array_equal(scores, np.take_along_axis(dense, expected, axis=1))
