@@ -64,8 +64,23 @@ def markdown(report: dict) -> str:
                         f"{_fmt(entry['step_p50_ms'])}/{_fmt(entry['step_p90_ms'])}"]
             lines.append("| " + " | ".join(row) + " |")
         lines.append("")
+        lines += _fidelity_lines(model.get("fidelity"))
     lines += [f"Reproduce: `{report['command']}`", ""]
     return "\n".join(lines)
+
+
+def _fidelity_lines(fidelity: dict | None) -> list[str]:
+    if not fidelity or not fidelity.get("variants"):
+        return []
+    lines = [f"Fidelity against fp32 ({fidelity['prompts']}; {fidelity['new_tokens']} greedy tokens, teacher-forced "
+             f"on fp32's tokens). {fidelity['note']}", "",
+             "| variant | prompts | steps | top-1 agreement | identical greedy outputs | mean KL(fp32‖variant) "
+             "| fp32 top-1 margin (median nats) |", "|---|---|---|---|---|---|---|"]
+    for name, entry in fidelity["variants"].items():
+        lines.append(f"| xmtf {name} | {entry['prompts']} | {entry['steps']} | {_fmt(entry['top1_agreement'] * 100)}% "
+                     f"| {_fmt(entry['identical_greedy_share'] * 100)}% | {_fmt(entry['mean_kl'], '{:.2e}')} "
+                     f"| {_fmt(entry.get('fp32_top1_margin_median'), '{:.3f}')} |")
+    return lines + [""]
 
 
 def plots(report: dict, folder: str) -> list[str]:

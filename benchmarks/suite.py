@@ -49,6 +49,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quantize", default="int8", help="xmtf variants to add to each export ('' for none)")
     parser.add_argument("--work-dir", default="bench-results/work", help="checkpoints, exports and conversions")
     parser.add_argument("--out", default="bench-results", help="where results.json/.md and plots go")
+    parser.add_argument("--fidelity-prompts", type=int, default=16,
+                        help="prompts for the fidelity report of each quantized variant against fp32 (0: skip)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     base = QUICK if args.quick else FULL
@@ -174,19 +176,35 @@ def prompt_rows(vocab: int, batch: int, spec: str, seed: int) -> list[list[int]]
 
 
 def _real_prompt_lengths() -> list[int]:
-    """Token counts of the shared multilingual prompts under a byte-level BPE trained on them (no real
-    mT5/BLOOM tokenizer is available offline); synthetic 24 tokens when the data is absent."""
+    """Token counts of the shared multilingual prompts; synthetic 24 tokens when the data is absent."""
+    return [len(ids) for ids in shared_prompt_ids()] or [24]
+
+
+def shared_prompt_ids(limit: int | None = None, vocab: int | None = None) -> list[list[int]]:
+    """The shared multilingual prompts under a byte-level BPE trained on them for this run (no real mT5/BLOOM
+    tokenizer is available offline), ids shifted past the special tokens and kept below `vocab`.
+    Empty when ../shared/data is absent."""
     if not os.path.isfile(SHARED_PROMPTS):
-        _log("../shared/data/prompts.jsonl not found: using 24-token prompts")
-        return [24]
+        _log("../shared/data/prompts.jsonl not found: using synthetic prompts")
+        return []
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
     with open(SHARED_PROMPTS, encoding="utf-8") as handle:
-        texts = [json.loads(line)["prompt"] for line in handle]
+        texts = [json.loads(line)["prompt"] for line in handle][:limit]
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=8000, show_progress=False))
-    return [len(e.ids) for e in tokenizer.encode_batch(texts)]
+    rows = [[4 + i for i in e.ids] for e in tokenizer.encode_batch(texts)]
+    return [[i % vocab if vocab else i for i in row] for row in rows if row]
+
+
+def fidelity_rows(vocab: int, count: int) -> tuple[list[list[int]], str]:
+    """`count` prompts for the fidelity report: the shared prompts (at most 64 tokens each) or synthetic ids."""
+    rows = [row[:64] for row in shared_prompt_ids(count, vocab)]
+    if rows:
+        return rows, "../shared/data/prompts.jsonl, BPE trained for this run"
+    rng = np.random.default_rng(1234)
+    return [rng.integers(4, vocab, size=24).tolist() for _ in range(count)], "synthetic 24-token ids"
 
 
 def machine() -> dict:
@@ -322,6 +340,14 @@ def main(argv: list[str] | None = None) -> int:
                          for k, v in settings.items()},
             "backends": results,
         }
+        if "xmtf" in args.backends and args.fidelity_prompts > 0 and len(manifest.variants) > 1:
+            from .fidelity import NOTE, measure
+
+            _log(f"   fidelity of {', '.join(v for v in manifest.variants if v != 'fp32')} against fp32")
+            rows, source = fidelity_rows(vocab, args.fidelity_prompts)
+            report["models"][model_name]["fidelity"] = {
+                "prompts": source, "new_tokens": args.new_tokens, "note": NOTE,
+                "variants": measure(export_dir, rows, args.new_tokens, args.threads, args.provider)}
     from .report import write_reports
 
     paths = write_reports(report, args.out)

@@ -36,10 +36,20 @@ def _quantize(args: argparse.Namespace) -> int:
     except ImportError as e:
         print(f"error: quantize needs the export extra: pip install 'xmtf-onnx[export]' ({e})", file=sys.stderr)
         return 2
+    if args.name and len(args.mode) > 1:
+        print("error: --name names one variant; give one --mode with it", file=sys.stderr)
+        return 2
     for mode in args.mode:
-        name = quantize_folder(args.folder, mode, force=args.force)
+        name = quantize_folder(args.folder, mode, force=args.force, block_size=args.block_size,
+                               keep_fp32=_patterns(args.keep_fp32), name=args.name)
         print(f"{args.folder}: added variant {name}")
     return 0
+
+
+def _patterns(text: str | None) -> tuple[str, ...]:
+    from xmtf_onnx.export.quantize import DEFAULT_KEEP_FP32
+
+    return DEFAULT_KEEP_FP32 if text is None else tuple(p for p in text.split(",") if p)
 
 
 def _read_prompts(args: argparse.Namespace) -> list[str]:
@@ -138,6 +148,12 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("--mode", action="append", required=True,
                           help="int8 (fastest CPU int8), int8-dynamic, int8-weight, int4-weight (repeatable)")
     quantize.add_argument("--force", action="store_true", help="replace a variant that exists")
+    quantize.add_argument("--block-size", type=int, default=32,
+                          help="weights per scale for int8-weight / int4-weight (power of two >= 16; default 32)")
+    quantize.add_argument("--keep-fp32", metavar="PATTERNS",
+                          help="comma-separated weight-name globs whose MatMuls stay fp32, e.g. "
+                               "'lm_head,*DenseReluDense.wo' ('' keeps none)")
+    quantize.add_argument("--name", help="variant name (default: the mode's), to keep several of one mode")
     quantize.set_defaults(handler=_quantize)
 
     generate = commands.add_parser(

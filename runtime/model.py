@@ -11,7 +11,8 @@ import numpy as np
 import onnxruntime as ort
 
 from .errors import GenerationInputError, ManifestError
-from .generation import GenerationConfig, Hypothesis, StepTimer, run_beam_search, run_sampling, sample_tokens
+from .generation import (GenerationConfig, Hypothesis, StepTimer, log_softmax_inplace, run_beam_search, run_sampling,
+                         sample_tokens)
 from .manifest import ROLES, Manifest, read_manifest
 from .runners import RUNNERS
 from .session import make_session, resolve_provider
@@ -190,6 +191,30 @@ class Model:
         text = self.decode(tokens)
         if text != emitted and text.startswith(emitted):
             yield text[len(emitted):]
+
+    def teacher_forced(self, input_ids, targets) -> Iterator[np.ndarray]:
+        """Next-token log-probabilities along given continuations (teacher forcing), one step at a time.
+
+        input_ids: prompts as token id lists; targets: one continuation per prompt (token ids, no decoder start
+        token). Step t yields log p(. | prompt_i, targets_i[:t]) for every row -> [batch, vocab]; rows whose
+        target is shorter than t + 1 hold the continuation padded with pad_token_id (ignore them).
+        Scoring candidate answers and the benchmark's fidelity report use it.
+        """
+        rows, targets = self._check_ids(input_ids), self._check_ids(targets)
+        if len(rows) != len(targets):
+            raise GenerationInputError(f"{len(rows)} prompts but {len(targets)} targets; give one target per prompt")
+        pad = self._config({}).pad_token_id
+        steps = max(len(t) for t in targets)
+        forced = np.full((len(rows), steps), pad, np.int64)  # [batch, steps]
+        for i, target in enumerate(targets):
+            forced[i, :len(target)] = target
+        ids, mask = self._batch(rows, pad)
+        state = self.runner.begin(ids, mask, 1)
+        logits = self.runner.prefill(state)  # [batch, vocab]
+        for step in range(steps):
+            yield log_softmax_inplace(np.asarray(logits, dtype=np.float32))
+            if step + 1 < steps:
+                logits = self.runner.decode_step(state, forced[:, step], np.arange(len(rows), dtype=np.int64))
 
     def decode(self, tokens: Sequence[int]) -> str:
         """transformers' decode(tokens, skip_special_tokens=True) for this export's tokenizer."""

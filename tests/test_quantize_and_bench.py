@@ -8,6 +8,7 @@ import shutil
 import numpy as np
 import pytest
 
+from xmtf_onnx.benchmarks.fidelity import compare_variant
 from xmtf_onnx.export.errors import ExportError, OutputExistsError
 from xmtf_onnx.export.quantize import quantize_folder
 from xmtf_onnx.runtime import load
@@ -31,27 +32,6 @@ def family_exports(mt5_export, bloom_export):
     return {"mt5": mt5_export, "bloom": bloom_export}
 
 
-def _teacher_forced_agreement(reference, candidate, rows, steps=12) -> float:
-    """Share of decode steps where the variant's top token equals fp32's, feeding fp32's tokens to both."""
-    expected = reference.generate(input_ids=rows, max_new_tokens=steps, min_new_tokens=steps).sequences
-    agree = total = 0
-    for row, tokens in zip(rows, expected):
-        for cut in range(len(tokens)):
-            if reference.kind == "decoder":
-                prefix = {"input_ids": [row + tokens[:cut]]}
-                step = candidate.generate(max_new_tokens=1, min_new_tokens=1, **prefix).sequences[0][0]
-            else:
-                state = candidate.runner.begin(np.array([row]), np.ones((1, len(row)), np.int64), 1)
-                logits = candidate.runner.prefill(state)
-                for token in tokens[:cut]:
-                    logits = candidate.runner.decode_step(state, np.array([token]), np.array([0]))
-                logits[:, candidate.tokens["eos_token_id"]] = -np.inf
-                step = int(np.argmax(logits[0]))
-            agree += step == tokens[cut]
-            total += 1
-    return agree / total
-
-
 @pytest.mark.parametrize("variant, threshold", [("int8-dynamic", 0.7), ("int8-weight", 0.7), ("int4-weight", 0.4)])
 @pytest.mark.parametrize("name", ["mt5", "bloom"])
 def test_variant_runs_is_recorded_and_agrees(quantized, name, variant, threshold):
@@ -63,7 +43,58 @@ def test_variant_runs_is_recorded_and_agrees(quantized, name, variant, threshold
     fp32, model = load(folder), load(folder, variant=variant)
     rows = [[5, 9, 33, 17, 80, 41], [120, 7, 64]]
     assert len(model.generate(input_ids=rows, max_new_tokens=5, num_beams=2).sequences) == 2
-    assert _teacher_forced_agreement(fp32, model, rows) >= threshold
+    fidelity = compare_variant(fp32, model, rows, new_tokens=12)
+    assert fidelity["steps"] == 24 and fidelity["top1_agreement"] >= threshold
+    assert 0 < fidelity["mean_kl"] < 1.0
+
+
+@pytest.mark.parametrize("name", ["mt5", "bloom"])
+def test_fidelity_of_fp32_against_itself_is_exact(quantized, name):
+    fp32 = load(quantized[name])
+    fidelity = compare_variant(fp32, fp32, [[5, 9, 33, 17], [120, 7, 64, 3, 3]], new_tokens=6)
+    assert fidelity["top1_agreement"] == 1.0 and fidelity["identical_greedy_share"] == 1.0
+    assert abs(fidelity["mean_kl"]) < 1e-9
+
+
+@pytest.mark.parametrize("name", ["mt5", "bloom"])
+def test_teacher_forced_log_probs_are_generates_token_scores(quantized, name):
+    model = load(quantized[name])
+    rows = [[5, 9, 33, 17, 80, 41], [120, 7, 64]]
+    out = model.generate(input_ids=rows, max_new_tokens=8, output_scores=True)  # greedy, no processor active
+    steps = list(model.teacher_forced(rows, out.sequences))  # [batch, vocab] per step
+    assert len(steps) == max(map(len, out.sequences))
+    for row, (tokens, scores) in enumerate(zip(out.sequences, out.token_scores)):
+        for step, (token, score) in enumerate(zip(tokens, scores)):
+            assert int(np.argmax(steps[step][row])) == token
+            assert steps[step][row][token] == pytest.approx(score, abs=1e-5)
+
+
+def test_keep_fp32_patterns_are_applied_and_recorded(quantized):
+    import onnx
+
+    for name, weights in (("mt5", "lm_head"), ("bloom", "lm_head")):
+        folder = quantized[name]
+        quantize_folder(str(folder), "int8", keep_fp32=("lm_head",), name="int8-keep-head")
+        manifest = read_manifest(folder)
+        kept = manifest.variant("int8-keep-head")["quantization"]["kept_fp32"]
+        assert kept["patterns"] == ["lm_head"] and kept["weights"]["decoder"] == [weights]
+        graph = onnx.load(str(folder / "int8-keep-head" / "decoder.onnx"), load_external_data=False).graph
+        assert any(n.op_type == "MatMul" and n.input[1] == "lm_head" for n in graph.node)
+        default = manifest.variant("int8-dynamic")["quantization"]["kept_fp32"]
+        wo = [w for ws in default["weights"].values() for w in ws]
+        assert all(w.endswith("DenseReluDense.wo") for w in wo) and bool(wo) == (name == "mt5")
+        assert load(folder, variant="int8-keep-head").generate(input_ids=[[5, 6, 7]], max_new_tokens=3).sequences
+
+
+@pytest.mark.parametrize("options, message", [({"block_size": 24}, "power of two"), ({"block_size": 8}, "power of two"),
+                                              ({"name": "../x"}, "variant name"), ({"name": "fp32"}, "variant name"),
+                                              ({"keep_fp32": [""]}, "non-empty")])
+def test_bad_quantize_options_are_typed_errors_and_write_nothing(quantized, options, message):
+    folder = quantized["mt5"]
+    before = sorted(p.name for p in folder.iterdir()), (folder / "xmtf_manifest.json").read_text()
+    with pytest.raises(ExportError, match=message):
+        quantize_folder(str(folder), "int8-weight", force=True, **options)
+    assert (sorted(p.name for p in folder.iterdir()), (folder / "xmtf_manifest.json").read_text()) == before
 
 
 def test_quantize_refuses_existing_variant_and_unknown_mode(quantized):
@@ -97,6 +128,10 @@ def test_bench_plumbing_on_tiny_models(mt5_checkpoint, bloom_checkpoint, tmp_pat
                 assert entry["tokens_per_second"] > 0
     table = (tmp_path / "results.md").read_text()
     assert "xmtf int8-dynamic" in table and "pytorch fp32" in table
+    for model in report["models"].values():
+        fidelity = model["fidelity"]["variants"]["int8-dynamic"]
+        assert fidelity["steps"] == 16 * 4 and 0.0 <= fidelity["top1_agreement"] <= 1.0
+    assert "Fidelity against fp32" in table and "not task accuracy" in table
     assert (tmp_path / "tokens_per_second.png").stat().st_size > 0 and (tmp_path / "peak_rss.png").exists()
 
 
