@@ -4,6 +4,7 @@ Modes:
   int8-dynamic  MatMulInteger with per-channel int8 weights, activations quantized per call (CPU only)
   int8-weight   MatMulNBits, 8-bit weights in blocks (CPU and CUDA)
   int4-weight   MatMulNBits, 4-bit weights in blocks (CPU and CUDA)
+  fp16          MatMuls in fp16, elementwise ops and mT5's FFN output projection in fp32 (for CUDA)
   int8          the fastest int8 mode on CPU (measured with the benchmark suite): int8-dynamic
 """
 
@@ -25,7 +26,13 @@ from xmtf_onnx.runtime.manifest import read_manifest
 from .errors import ExportError, OutputExistsError
 from .exporter import file_entry
 
-MODES = ("int8-dynamic", "int8-weight", "int4-weight")
+MODES = ("int8-dynamic", "int8-weight", "int4-weight", "fp16")
+# fp16: MatMul weights and activations in fp16 (tensor cores on CUDA); everything elementwise -- the residual
+# stream, the norms, the T5 FFN product -- and the keep-fp32 MatMuls stay fp32, so mT5's FFN outputs, which
+# overflow fp16, never meet it. Inputs, outputs and the KV cache stay fp32.
+FP32_OPS = ["Add", "Sub", "Mul", "Div", "Pow", "Sqrt", "ReduceMean", "LayerNormalization", "SimplifiedLayerNormalization",
+            "SkipLayerNormalization", "SkipSimplifiedLayerNormalization", "CumSum", "Range", "Where", "Expand",
+            "FastGelu", "Gelu", "Relu", "Tanh", "Erf", "Gather"]
 ALIASES = {"int8": "int8-dynamic"}
 DEFAULT_BLOCK_SIZE = 32
 # MatMuls whose weight name matches one of these (fnmatch) stay fp32. The output projection is named "lm_head"
@@ -68,16 +75,69 @@ def _kept_nodes(model: onnx.ModelProto, patterns: tuple[str, ...]) -> tuple[list
     return nodes, weights
 
 
+def _type_contrib_outputs(model: onnx.ModelProto) -> int:
+    """onnx's shape inference leaves com.microsoft ops untyped; ours (FastGelu) are elementwise: same type in/out.
+    Returns how many outputs it typed."""
+    known = {v.name: v.type.tensor_type.elem_type for v in [*model.graph.input, *model.graph.value_info]}
+    known.update({t.name: t.data_type for t in model.graph.initializer})
+    typed = 0
+    for node in model.graph.node:
+        if node.domain == "com.microsoft" and node.input[0] in known and node.output[0] not in known:
+            known[node.output[0]] = known[node.input[0]]
+            model.graph.value_info.append(onnx.helper.make_tensor_value_info(node.output[0], known[node.input[0]], None))
+            typed += 1
+    return typed
+
+
+def _drop_fp16_round_trips(model: onnx.ModelProto) -> None:
+    """onnxruntime's fp16 converter passes every fp32 node's output through fp16 on its way to the next fp32
+    node (Cast to fp16, Cast back): an inf for mT5's residual stream. Read the fp32 value directly instead."""
+    graph = model.graph
+    producers = {output: node for node in graph.node for output in node.output}
+
+    def cast_to(node, elem_type: int) -> bool:
+        return node is not None and node.op_type == "Cast" and any(a.name == "to" and a.i == elem_type
+                                                                    for a in node.attribute)
+
+    for node in graph.node:
+        source = producers.get(node.input[0]) if node.input else None
+        if cast_to(node, onnx.TensorProto.FLOAT) and cast_to(source, onnx.TensorProto.FLOAT16):
+            node.input[0] = source.input[0]  # a no-op cast where that is fp32 already (an int mask, say, is not)
+    outputs = {o.name for o in graph.output}
+    while True:  # casts nothing reads any more
+        used = {name for node in graph.node for name in node.input} | outputs
+        dead = [n for n in graph.node if n.op_type == "Cast" and not set(n.output) & used]
+        if not dead:
+            return
+        for node in dead:
+            graph.node.remove(node)
+
+
 def _quantize_graph(source: str, target: str, mode: str, block_size: int, keep_fp32: tuple[str, ...]) -> dict:
     import logging
 
     logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)
     logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
-    model = onnx.load(source)  # with its external data
+    # Types of every intermediate first (the fp16 pass places its casts by them), on the graph alone:
+    # in-memory shape inference stops at protobuf's 2 GB.
+    model = onnx.shape_inference.infer_shapes(onnx.load(source, load_external_data=False))
+    while _type_contrib_outputs(model):  # each round types what follows the contrib ops typed last round
+        model = onnx.shape_inference.infer_shapes(model)
+    onnx.load_external_data_for_model(model, os.path.dirname(os.path.abspath(source)))
     _gemm_to_matmul(model)
     for node in model.graph.node:  # quantizers skip nameless nodes' exclusions; every node gets a name
         node.name = node.name or f"{node.op_type}_{id(node)}"
     excluded, kept = _kept_nodes(model, keep_fp32)
+    if mode == "fp16":
+        from onnxruntime.transformers.float16 import convert_float_to_float16
+
+        converted = convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=True,
+                                             op_block_list=FP32_OPS, node_block_list=excluded)
+        _drop_fp16_round_trips(converted)
+        onnx.save(converted, target, save_as_external_data=True, location=os.path.basename(target) + ".data")
+        return {"method": "mixed-precision", "weight_type": "float16", "ops": ["MatMul", "Softmax"],
+                "fp32_ops": FP32_OPS, "io_dtype": "float32", "providers": ["cuda", "cpu"],
+                "kept_fp32": {"patterns": list(keep_fp32), "weights": kept}}
     if mode == "int8-dynamic":
         from onnxruntime.quantization import QuantType, quantize_dynamic
 

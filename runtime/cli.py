@@ -135,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--force", action="store_true", help="replace OUTPUT if it exists")
     export.add_argument("--quantize", action="append", metavar="MODE",
                         help="also write a quantized variant (repeatable): int8 (fastest CPU int8), "
-                             "int8-dynamic, int8-weight, int4-weight")
+                             "int8-dynamic, int8-weight, int4-weight, fp16 (for CUDA)")
     export.add_argument("--tolerance", type=float, default=1e-3,
                         help="max |ONNX - PyTorch| relative to max(1, |PyTorch|) (default 1e-3)")
     export.add_argument("--no-validate", action="store_true", help="skip the comparison with PyTorch")
@@ -146,7 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    description="Add quantized variants to FOLDER, recorded in its manifest.")
     quantize.add_argument("folder", metavar="FOLDER")
     quantize.add_argument("--mode", action="append", required=True,
-                          help="int8 (fastest CPU int8), int8-dynamic, int8-weight, int4-weight (repeatable)")
+                          help="int8 (fastest CPU int8), int8-dynamic, int8-weight, int4-weight, "
+                               "fp16 (for CUDA); repeatable")
     quantize.add_argument("--force", action="store_true", help="replace a variant that exists")
     quantize.add_argument("--block-size", type=int, default=32,
                           help="weights per scale for int8-weight / int4-weight (power of two >= 16; default 32)")
