@@ -194,8 +194,8 @@ def shared_prompt_ids(limit: int | None = None, vocab: int | None = None) -> lis
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=8000, show_progress=False))
-    rows = [[4 + i for i in e.ids] for e in tokenizer.encode_batch(texts)]
-    return [[i % vocab if vocab else i for i in row] for row in rows if row]
+    span = (vocab - 4) if vocab else None  # ids 0-3 are special in both families: never prompt them
+    return [[4 + (i % span if span else i) for i in e.ids] for e in tokenizer.encode_batch(texts) if e.ids]
 
 
 def fidelity_rows(vocab: int, count: int) -> tuple[list[list[int]], str]:

@@ -42,7 +42,7 @@ class WeightFile:
         self.arrays[key] = np.ascontiguousarray(array)
 
     def write(self, folder: str) -> dict[str, tuple[int, int]]:
-        """Write every array page-aligned; return key -> (offset, length)."""
+        """Write every array ALIGNMENT-aligned; return key -> (offset, length)."""
         placement: dict[str, tuple[int, int]] = {}
         with open(os.path.join(folder, self.name), "wb") as handle:
             for key, array in self.arrays.items():

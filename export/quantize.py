@@ -113,16 +113,20 @@ def _drop_fp16_round_trips(model: onnx.ModelProto) -> None:
             graph.node.remove(node)
 
 
-def _quantize_graph(source: str, target: str, mode: str, block_size: int, keep_fp32: tuple[str, ...]) -> dict:
+def _quantize_graph(source: str, target: str, mode: str, block_size: int,
+                    keep_fp32: tuple[str, ...]) -> tuple[dict, list[str]]:
+    """Write the variant of one graph -> (quantization details, the weights kept fp32)."""
     import logging
 
     logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)
     logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
-    # Types of every intermediate first (the fp16 pass places its casts by them), on the graph alone:
-    # in-memory shape inference stops at protobuf's 2 GB.
-    model = onnx.shape_inference.infer_shapes(onnx.load(source, load_external_data=False))
-    while _type_contrib_outputs(model):  # each round types what follows the contrib ops typed last round
+    model = onnx.load(source, load_external_data=False)
+    if mode == "fp16":
+        # The fp16 pass places its casts by the type of every intermediate. Inferred on the graph alone:
+        # in-memory shape inference stops at protobuf's 2 GB.
         model = onnx.shape_inference.infer_shapes(model)
+        while _type_contrib_outputs(model):  # each round types what follows the contrib ops typed last round
+            model = onnx.shape_inference.infer_shapes(model)
     onnx.load_external_data_for_model(model, os.path.dirname(os.path.abspath(source)))
     _gemm_to_matmul(model)
     for node in model.graph.node:  # quantizers skip nameless nodes' exclusions; every node gets a name
@@ -136,8 +140,7 @@ def _quantize_graph(source: str, target: str, mode: str, block_size: int, keep_f
         _drop_fp16_round_trips(converted)
         onnx.save(converted, target, save_as_external_data=True, location=os.path.basename(target) + ".data")
         return {"method": "mixed-precision", "weight_type": "float16", "ops": ["MatMul", "Softmax"],
-                "fp32_ops": FP32_OPS, "io_dtype": "float32", "providers": ["cuda", "cpu"],
-                "kept_fp32": {"patterns": list(keep_fp32), "weights": kept}}
+                "fp32_ops": FP32_OPS, "io_dtype": "float32", "providers": ["cuda", "cpu"]}, kept
     if mode == "int8-dynamic":
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -145,8 +148,7 @@ def _quantize_graph(source: str, target: str, mode: str, block_size: int, keep_f
                          nodes_to_exclude=excluded, use_external_data_format=True,
                          extra_options={"MatMulConstBOnly": True, "DefaultTensorType": onnx.TensorProto.FLOAT})
         return {"method": "dynamic", "weight_type": "int8", "per_channel": True, "ops": ["MatMul"],
-                "activations": "uint8, quantized per call (DynamicQuantizeLinear)", "providers": ["cpu"],
-                "kept_fp32": {"patterns": list(keep_fp32), "weights": kept}}
+                "activations": "uint8, quantized per call (DynamicQuantizeLinear)", "providers": ["cpu"]}, kept
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     bits = 8 if mode == "int8-weight" else 4
@@ -155,8 +157,7 @@ def _quantize_graph(source: str, target: str, mode: str, block_size: int, keep_f
     quantizer.process()
     quantizer.model.save_model_to_file(target, use_external_data_format=True)
     return {"method": "weight-only", "weight_type": f"int{bits}", "block_size": block_size, "symmetric": True,
-            "ops": ["MatMul"], "op": "com.microsoft.MatMulNBits", "accuracy_level": 4, "providers": ["cpu", "cuda"],
-            "kept_fp32": {"patterns": list(keep_fp32), "weights": kept}}
+            "ops": ["MatMul"], "op": "com.microsoft.MatMulNBits", "accuracy_level": 4, "providers": ["cpu", "cuda"]}, kept
 
 
 def check_options(block_size: int, keep_fp32, name: str | None) -> tuple[str, ...]:
@@ -187,9 +188,8 @@ def add_variant(folder: str, manifest: dict, mode: str, block_size: int = DEFAUL
     try:
         details: dict = {}
         for role, entry in manifest["variants"]["fp32"]["files"].items():
-            details = _quantize_graph(os.path.join(folder, entry["path"]), os.path.join(partial, f"{role}.onnx"),
-                                      mode, block_size, patterns)
-            kept[role] = details["kept_fp32"]["weights"]
+            details, kept[role] = _quantize_graph(os.path.join(folder, entry["path"]),
+                                                  os.path.join(partial, f"{role}.onnx"), mode, block_size, patterns)
         final = os.path.join(folder, name)
         if os.path.exists(final):
             shutil.rmtree(final)

@@ -119,14 +119,8 @@ def softmax(scores: np.ndarray) -> np.ndarray:
     return shifted / shifted.sum(axis=-1, keepdims=True)
 
 
-def log_softmax(scores: np.ndarray) -> np.ndarray:
-    maximum = scores.max(axis=-1, keepdims=True)
-    shifted = scores - maximum
-    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
-
-
 def log_softmax_inplace(scores: np.ndarray, rows_per_chunk: int = 8) -> np.ndarray:
-    """log_softmax of a float32 [rows, vocab] array, written over it (same arithmetic as log_softmax).
+    """log_softmax of a float32 [rows, vocab] array, written over it.
 
     Rows are done a few at a time so that the exp temporary stays small (beam search has batch*beams rows
     of a 250k vocabulary)."""
@@ -156,8 +150,8 @@ def beam_candidates(log_probs: np.ndarray, running_scores: np.ndarray, keep: int
     item, index = np.divmod(row, beams)
     index = index * vocab + token  # [beams*vocab] flat index within the batch item
     if np.bincount(item, minlength=batch).min() < keep:  # only NaN logits compare false everywhere
-        raise InferenceError("the model produced NaN logits; beam search cannot rank them. With an fp16 "
-                             "variant, use the fp32 or bf16 one.")
+        raise InferenceError("the model produced NaN logits; beam search cannot rank them. With a quantized "
+                             "or fp16 variant, try the fp32 one.")
     order = np.lexsort((index, -total, item))  # by item, then score descending, then index
     first = np.searchsorted(item[order], np.arange(batch))  # each item has >= keep candidates
     picked = order[first[:, None] + np.arange(keep)]  # [batch, keep]
@@ -190,14 +184,14 @@ def sample_tokens(runner, state, config: GenerationConfig, stop_check: Callable 
     logits = runner.prefill(state)  # [rows, vocab]
     timer.prefill_seconds = time.perf_counter() - began
     for generated in range(config.max_new_tokens):
-        scores = process(logits.astype(np.float32, copy=True), history, generated, config)
+        scores = process(np.asarray(logits, dtype=np.float32), history, generated, config)  # the step's own buffer
         if config.do_sample:
             scores = warp(scores, config)
             probabilities = softmax(scores.astype(np.float64))
             tokens = np.array([rng.choice(p.shape[0], p=p) for p in probabilities], dtype=np.int64)
         else:
             tokens = np.argmax(scores, axis=-1).astype(np.int64)
-        token_scores = (np.take_along_axis(log_softmax(scores), tokens[:, None], axis=1)[:, 0]
+        token_scores = (np.take_along_axis(log_softmax_inplace(scores), tokens[:, None], axis=1)[:, 0]
                         if config.output_scores else None)
         tokens = np.where(running, tokens, config.pad_token_id)
         history = np.concatenate([history, tokens[:, None]], axis=1)

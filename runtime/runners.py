@@ -26,7 +26,6 @@ class DecodeState:
     past: list[ort.OrtValue] = field(default_factory=list)  # per layer: key, value
     cross: list[ort.OrtValue] = field(default_factory=list)  # seq2seq: per layer cross key, value
     encoder_mask: np.ndarray | None = None  # seq2seq: [rows, source]
-    prefilled: bool = False
 
 
 def _run(session: ort.InferenceSession, device: str, cpu_inputs: dict[str, np.ndarray],
@@ -118,7 +117,6 @@ class Seq2SeqRunner(Runner):
     def prefill(self, state: DecodeState) -> np.ndarray:
         """The decoder start token for every row -> logits [rows, vocab]."""
         rows = state.encoder_mask.shape[0]
-        state.prefilled = True
         return self.decode_step(state, np.full(rows, self.decoder_start_token_id, np.int64),
                                 np.arange(rows, dtype=np.int64))
 
@@ -145,7 +143,6 @@ class DecoderRunner(Runner):
         logits = self._decode(state, {"input_ids": state.input_ids, "attention_mask": state.attention_mask},
                               np.arange(batch, dtype=np.int64))
         state.attention_mask = np.repeat(state.attention_mask, state.expand, axis=0)
-        state.prefilled = True
         return np.repeat(logits, state.expand, axis=0) if state.expand > 1 else logits
 
     def decode_step(self, state: DecodeState, tokens: np.ndarray, beam_idx: np.ndarray) -> np.ndarray:

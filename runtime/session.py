@@ -28,13 +28,8 @@ def resolve_provider(provider: str) -> str:
 
 
 def make_session(path: str, provider: str = "cpu", threads: int | None = None,
-                 options: ort.SessionOptions | None = None,
-                 initializers: dict | None = None) -> ort.InferenceSession:
-    """An InferenceSession on one provider, full graph optimizations, `threads` intra-op threads.
-
-    initializers: name -> OrtValue overriding a graph initializer; the same OrtValue given to several
-    sessions is shared by them (mT0's encoder and decoder share the embedding this way).
-    """
+                 options: ort.SessionOptions | None = None) -> ort.InferenceSession:
+    """An InferenceSession on one provider, full graph optimizations, `threads` intra-op threads."""
     provider_name = resolve_provider(provider)
     if options is None:
         options = ort.SessionOptions()
@@ -48,8 +43,6 @@ def make_session(path: str, provider: str = "cpu", threads: int | None = None,
             raise ProviderUnavailableError(f"threads must be a positive integer, not {threads!r}")
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
-    for name, value in (initializers or {}).items():
-        options.add_initializer(name, value)
     providers = [provider_name] if provider_name == "CPUExecutionProvider" else [provider_name,
                                                                                  "CPUExecutionProvider"]
     try:
