@@ -34,6 +34,7 @@ class XmtfBackend:
         total = time.perf_counter() - began
         steps = out.metrics["step_seconds"]
         first = total - sum(steps)  # encode/prefill + selection of the first token
+        self.notes = {"screened_rows": out.metrics["screened_rows"], "full_rows": out.metrics["full_rows"]}
         return sum(len(s) for s in out.sequences), first, steps, total
 
 

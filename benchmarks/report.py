@@ -64,9 +64,20 @@ def markdown(report: dict) -> str:
                         f"{_fmt(entry['step_p50_ms'])}/{_fmt(entry['step_p90_ms'])}"]
             lines.append("| " + " | ".join(row) + " |")
         lines.append("")
+        lines += _screen_lines(model["backends"])
         lines += _fidelity_lines(model.get("fidelity"))
     lines += [f"Reproduce: `{report['command']}`", ""]
     return "\n".join(lines)
+
+
+def _screen_lines(backends: list[dict]) -> list[str]:
+    """Where greedy decoding went through the greedy screen, how often it certified the token."""
+    shares = [f"{b['name']} {setting} {entry['screened_share'] * 100:.1f}%" for b in backends if b["status"] == "ok"
+              for setting, entry in b["settings"].items() if "screened_share" in entry]
+    if not shares:
+        return []
+    return ["Greedy screen (exact argmax from an 8-bit copy of the output projection; uncertified rows take the full "
+            "logits): rows certified — " + ", ".join(shares) + ".", ""]
 
 
 def _fidelity_lines(fidelity: dict | None) -> list[str]:

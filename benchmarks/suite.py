@@ -292,6 +292,9 @@ def summarize(result: dict) -> None:
         entry["first_token_seconds"] = float(np.median(firsts)) if firsts else None
         entry["step_p50_ms"] = float(np.percentile(steps, 50) * 1e3) if steps else None
         entry["step_p90_ms"] = float(np.percentile(steps, 90) * 1e3) if steps else None
+        screened = sum(r.get("screened_rows", 0) for r in runs)
+        if screened:  # xmtf greedy: the share of rows whose token the greedy screen certified
+            entry["screened_share"] = screened / (screened + sum(r.get("full_rows", 0) for r in runs))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -311,12 +314,19 @@ def main(argv: list[str] | None = None) -> int:
         _log(f"== {model_name}: preparing checkpoint, export and rival conversions (cached in {work})")
         checkpoint = model if os.path.isdir(model) else prepare_checkpoint(model, os.path.join(work, "checkpoint"))
         export_dir = os.path.join(work, "xmtf")
-        if not os.path.isdir(export_dir):
+        from xmtf_onnx.runtime.errors import ManifestError
+        from xmtf_onnx.runtime.manifest import read_manifest
+
+        try:
+            stale = not os.path.isdir(export_dir) or not read_manifest(export_dir)
+        except ManifestError as e:  # an export cached by another xmtf-onnx version
+            _log(f"   re-exporting: {e}")
+            stale = True
+        if stale:
             from xmtf_onnx.export import export
 
             modes = [m for m in args.quantize.split(",") if m]
-            export(checkpoint, export_dir, progress=progress, quantize=modes)
-        from xmtf_onnx.runtime.manifest import read_manifest
+            export(checkpoint, export_dir, progress=progress, quantize=modes, force=True)
 
         manifest = read_manifest(export_dir)
         vocab = manifest.data["tokenizer"]["vocab_size"] if manifest.data.get("tokenizer") else manifest.tokens["vocab_size"]

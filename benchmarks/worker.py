@@ -43,7 +43,7 @@ def main(spec_path: str) -> int:
                 tokens, first, steps, total = backend.run(rows, setting["beams"], spec["new_tokens"])
                 if repeat >= spec["warmup"]:
                     runs.append({"tokens": tokens, "first_token_seconds": first, "step_seconds": steps,
-                                 "total_seconds": total})
+                                 "total_seconds": total, **getattr(backend, "notes", {})})
             result["settings"][key] = {"runs": runs}
         result["status"] = "ok"
     except Exception as e:  # a failing rival is reported with its error, not dropped

@@ -12,12 +12,13 @@ from typing import Any
 
 import numpy as np
 
-from xmtf_onnx.runtime.manifest import FORMAT_VERSION, ROLES, sha256_of, write_manifest
+from xmtf_onnx.runtime.manifest import FORMAT_VERSION, OPTIONAL_ROLES, ROLES, sha256_of, write_manifest
 from xmtf_onnx.runtime.session import make_session
 
 from .errors import ExportError, ModelLoadError, OutputExistsError, ValidationError
 from .families import family_for_model_type
 from .graph import save_graphs
+from .screen import screen_fields
 
 EXPORTER_VERSION = "0.1.0"
 DEFAULT_TOLERANCE = 1e-3
@@ -217,6 +218,7 @@ def export(source: str, output: str | os.PathLike, force: bool = False, toleranc
                                   "files": {role: file_entry(temporary, name) for role, name in roles.items()}}},
             "io": io,
             **fields,
+            **({"greedy_screen": screen_fields()} if "screen" in roles else {}),
             "tokens": _token_fields(model),
             "tokenizer": tokenizer,
             "generation_defaults": _generation_defaults(model),
@@ -228,7 +230,7 @@ def export(source: str, output: str | os.PathLike, force: bool = False, toleranc
             with progress_bar.stage(f"quantizing ({mode})"):
                 add_variant(temporary, manifest, mode)
         with progress_bar.stage("writing the manifest"):
-            if set(roles) != set(ROLES[family.kind]):
+            if set(roles) - set(OPTIONAL_ROLES) != set(ROLES[family.kind]):
                 raise ExportError(f"family {family.name} built {sorted(roles)}, not {ROLES[family.kind]}")
             write_manifest(temporary, manifest)
         _replace(temporary, output, force)

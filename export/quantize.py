@@ -21,7 +21,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from xmtf_onnx.runtime.manifest import read_manifest
+from xmtf_onnx.runtime.manifest import OPTIONAL_ROLES, read_manifest
 
 from .errors import ExportError, OutputExistsError
 from .exporter import file_entry
@@ -55,12 +55,15 @@ def _gemm_to_matmul(model: onnx.ModelProto) -> None:
         transposed = any(a.name == "transB" and a.i == 1 for a in node.attribute)
         if node.op_type != "Gemm" or len(node.input) != 2 or not transposed or node.input[1] not in initializers:
             continue
-        weight = numpy_helper.to_array(initializers[node.input[1]], base_dir="")
-        # Our graphs' only Gemm is the tied output projection.
+        source = initializers[node.input[1]]
+        weight = numpy_helper.to_array(source, base_dir="")
+        # Our graphs' only Gemm is the output projection (the head graph's).
         name = "lm_head" if "lm_head" not in initializers else node.input[1] + ".transposed"
         model.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(weight.T), name))
         node.op_type, node.input[1] = "MatMul", name
         del node.attribute[:]
+        if not any(source.name in other.input for other in model.graph.node):
+            model.graph.initializer.remove(source)  # the [V, d] original is not written again
 
 
 def _kept_nodes(model: onnx.ModelProto, patterns: tuple[str, ...]) -> tuple[list[str], list[str]]:
@@ -187,7 +190,10 @@ def add_variant(folder: str, manifest: dict, mode: str, block_size: int = DEFAUL
     kept: dict[str, list[str]] = {}
     try:
         details: dict = {}
-        for role, entry in manifest["variants"]["fp32"]["files"].items():
+        fp32_files = manifest["variants"]["fp32"]["files"]
+        roles = [role for role in fp32_files if role not in OPTIONAL_ROLES]
+        for role in roles:
+            entry = fp32_files[role]
             details, kept[role] = _quantize_graph(os.path.join(folder, entry["path"]),
                                                   os.path.join(partial, f"{role}.onnx"), mode, block_size, patterns)
         final = os.path.join(folder, name)
@@ -197,7 +203,9 @@ def add_variant(folder: str, manifest: dict, mode: str, block_size: int = DEFAUL
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
-    files = {role: file_entry(folder, os.path.join(name, f"{role}.onnx")) for role in manifest["variants"]["fp32"]["files"]}
+    files = {role: file_entry(folder, os.path.join(name, f"{role}.onnx")) for role in roles}
+    if "screen" in fp32_files and "lm_head" in kept.get("head", []):
+        files["screen"] = fp32_files["screen"]  # the head is still the fp32 projection the screen bounds
     details.update(onnxruntime=onnxruntime.__version__, mode=mode, kept_fp32={"patterns": list(patterns), "weights": kept})
     manifest["variants"][name] = {"quantization": details, "files": files}
     return name

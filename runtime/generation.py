@@ -50,6 +50,15 @@ class Hypothesis:
 class StepTimer:
     prefill_seconds: float = 0.0
     step_seconds: list[float] = field(default_factory=list)
+    screened_rows: int = 0  # greedy rows whose token the screen certified
+    full_rows: int = 0  # greedy rows that needed the full logits (the screen could not certify, or is off)
+
+    def record(self, step: int, seconds: float) -> None:
+        """Step 0 is the prefill (time to the first token); the others are per-token steps."""
+        if step == 0:
+            self.prefill_seconds = seconds
+        else:
+            self.step_seconds.append(seconds)
 
 
 # ---- logits processors: scores [rows, vocab], history [rows, length] -> scores (in place) ----
@@ -92,6 +101,50 @@ def process(scores: np.ndarray, history: np.ndarray, generated: int, config: Gen
         apply_no_repeat_ngram(scores, history, config.no_repeat_ngram_size)
     apply_min_new_tokens(scores, generated, config)
     return scores
+
+
+def process_candidates(scores: np.ndarray, ids: np.ndarray, history: np.ndarray, generated: int,
+                       config: GenerationConfig) -> np.ndarray:
+    """process() on a few columns: scores [rows, k] are the logits of tokens ids [rows, k] (in place)."""
+    if config.repetition_penalty != 1.0:
+        seen = (ids[:, :, None] == history[:, None, :]).any(axis=2)
+        penalized = np.where(scores < 0, scores * np.float32(config.repetition_penalty),
+                             scores / np.float32(config.repetition_penalty))
+        scores[seen] = penalized[seen]
+    if config.no_repeat_ngram_size > 0:
+        for row, tokens in enumerate(banned_ngram_tokens(history, config.no_repeat_ngram_size)):
+            if tokens:
+                scores[row, np.isin(ids[row], tokens)] = NEG_INF
+    if generated < config.min_new_tokens and config.eos_token_id:
+        scores[np.isin(ids, config.eos_token_id)] = NEG_INF
+    return scores
+
+
+def screened(config: GenerationConfig) -> bool:
+    """Can the greedy screen pick this configuration's tokens exactly? Its bound holds for processors that only
+    lower logits (a repetition penalty below 1 raises some), and log-probabilities need every logit."""
+    return not config.do_sample and not config.output_scores and config.repetition_penalty >= 1.0
+
+
+def greedy_tokens(runner, hidden: np.ndarray, history: np.ndarray, generated: int, config: GenerationConfig,
+                  timer: StepTimer) -> np.ndarray:
+    """argmax of the processed logits, through the screen where it certifies the row, else the full head."""
+    rows = hidden.shape[0]
+    tokens = np.empty(rows, np.int64)
+    uncertain = np.arange(rows)
+    if runner.has_screen:
+        ids, exact, rest = runner.screen(hidden, runner.screen_candidates)
+        exact = process_candidates(exact, ids, history, generated, config)
+        best = exact.max(axis=1)
+        # transformers' argmax takes the first of equal maxima: the lowest id among the candidates that tie
+        tokens[:] = np.where(exact == best[:, None], ids, np.iinfo(np.int64).max).min(axis=1)
+        uncertain = np.flatnonzero(~(best > rest))  # NaN never certifies
+        timer.screened_rows += rows - uncertain.size
+    if uncertain.size:
+        timer.full_rows += uncertain.size
+        scores = process(runner.logits(hidden[uncertain]), history[uncertain], generated, config)
+        tokens[uncertain] = np.argmax(scores, axis=-1)
+    return tokens
 
 
 def warp(scores: np.ndarray, config: GenerationConfig) -> np.ndarray:
@@ -181,16 +234,20 @@ def sample_tokens(runner, state, config: GenerationConfig, stop_check: Callable 
     running = np.ones(rows, dtype=bool)
     eos = np.array(config.eos_token_id, dtype=np.int64)
     began = time.perf_counter()
-    logits = runner.prefill(state)  # [rows, vocab]
-    timer.prefill_seconds = time.perf_counter() - began
+    hidden = runner.prefill(state)  # [rows, d]
+    lean = screened(config)
     for generated in range(config.max_new_tokens):
-        scores = process(np.asarray(logits, dtype=np.float32), history, generated, config)  # the step's own buffer
-        if config.do_sample:
-            scores = warp(scores, config)
-            probabilities = softmax(scores.astype(np.float64))
-            tokens = np.array([rng.choice(p.shape[0], p=p) for p in probabilities], dtype=np.int64)
+        if lean:
+            tokens = greedy_tokens(runner, hidden, history, generated, config, timer)
         else:
-            tokens = np.argmax(scores, axis=-1).astype(np.int64)
+            scores = process(runner.logits(hidden), history, generated, config)  # the step's own buffer
+            if config.do_sample:
+                scores = warp(scores, config)
+                probabilities = softmax(scores.astype(np.float64))
+                tokens = np.array([rng.choice(p.shape[0], p=p) for p in probabilities], dtype=np.int64)
+            else:
+                tokens = np.argmax(scores, axis=-1).astype(np.int64)
+        timer.record(generated, time.perf_counter() - began)  # a step: the model's calls and the choice
         token_scores = (np.take_along_axis(log_softmax_inplace(scores), tokens[:, None], axis=1)[:, 0]
                         if config.output_scores else None)
         tokens = np.where(running, tokens, config.pad_token_id)
@@ -203,8 +260,7 @@ def sample_tokens(runner, state, config: GenerationConfig, stop_check: Callable 
         if not running.any() or generated + 1 == config.max_new_tokens:
             return
         began = time.perf_counter()
-        logits = runner.decode_step(state, tokens, np.arange(rows, dtype=np.int64))
-        timer.step_seconds.append(time.perf_counter() - began)
+        hidden = runner.decode_step(state, tokens, np.arange(rows, dtype=np.int64))
 
 
 def run_sampling(runner, state, config: GenerationConfig, stop_check, timer: StepTimer) -> list[Hypothesis]:
@@ -248,8 +304,7 @@ def run_beam_search(runner, state, config: GenerationConfig, stop_check, timer: 
     batch_offset = (np.arange(batch) * num_beams)[:, None]
 
     began = time.perf_counter()
-    logits = runner.prefill(state)
-    timer.prefill_seconds = time.perf_counter() - began
+    logits = runner.logits(runner.prefill(state))
     cur_len = prompt_length
     while True:
         history = running_sequences[:, :, :cur_len].reshape(rows, cur_len)
@@ -266,6 +321,7 @@ def run_beam_search(runner, state, config: GenerationConfig, stop_check, timer: 
         else:
             candidates, topk_log_probs = beam_candidates(log_probs, running_scores, beams_to_keep)  # [batch, keep]
         source_beam, topk_ids = candidates // vocab, candidates % vocab
+        timer.record(cur_len - prompt_length, time.perf_counter() - began)  # the model's calls and the ranking
         topk_sequences = np.take_along_axis(running_sequences, source_beam[:, :, None], axis=1)
         topk_sequences[:, :, cur_len] = topk_ids
         topk_token_scores = np.take_along_axis(running_token_scores, source_beam[:, :, None], axis=1)
@@ -313,8 +369,7 @@ def run_beam_search(runner, state, config: GenerationConfig, stop_check, timer: 
         if not (improvable.any() and open_beam and not hits.all()):
             break
         began = time.perf_counter()
-        logits = runner.decode_step(state, running_sequences[:, :, cur_len - 1].reshape(-1), beam_idx)
-        timer.step_seconds.append(time.perf_counter() - began)
+        logits = runner.logits(runner.decode_step(state, running_sequences[:, :, cur_len - 1].reshape(-1), beam_idx))
 
     returned = config.num_return_sequences
     hypotheses = []

@@ -12,9 +12,10 @@ from typing import Any
 from .errors import ManifestError
 
 MANIFEST_NAME = "xmtf_manifest.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the output projection left the decoder (head.onnx, screen.onnx)
 KINDS = ("seq2seq", "decoder")
-ROLES = {"seq2seq": ("encoder", "decoder"), "decoder": ("decoder",)}
+ROLES = {"seq2seq": ("encoder", "decoder", "head"), "decoder": ("decoder", "head")}
+OPTIONAL_ROLES = ("screen",)  # the greedy screen: only where the head is the fp32 projection it bounds
 
 
 def sha256_of(path: str) -> str:

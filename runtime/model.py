@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import numbers
 import os
 from dataclasses import dataclass, field
@@ -13,7 +14,7 @@ import onnxruntime as ort
 from .errors import GenerationInputError, ManifestError
 from .generation import (GenerationConfig, Hypothesis, StepTimer, log_softmax_inplace, run_beam_search, run_sampling,
                          sample_tokens)
-from .manifest import ROLES, Manifest, read_manifest
+from .manifest import OPTIONAL_ROLES, ROLES, Manifest, read_manifest
 from .runners import RUNNERS
 from .session import make_session, resolve_provider
 
@@ -40,7 +41,7 @@ class GenerationOutput:
 class Model:
     def __init__(self, manifest: Manifest, provider: str = "cpu", threads: int | None = None,
                  variant: str = "fp32", session_options: ort.SessionOptions | None = None,
-                 verify: bool = True):
+                 verify: bool = True, greedy_screen: bool = True):
         self.manifest = manifest
         self.kind = manifest.kind
         self.provider = resolve_provider(provider)
@@ -48,9 +49,15 @@ class Model:
         self.variant = variant
         entry = manifest.variant(variant)
         manifest.verify_files(variant, check_hashes=verify)
+        missing = [role for role in ROLES[self.kind] if role not in entry["files"]]
+        if missing:
+            raise ManifestError(f"variant {variant!r} of {manifest.folder} has no {', '.join(missing)} graph; "
+                                "export the model again.")
+        optional = [role for role in OPTIONAL_ROLES if role in entry["files"] and (greedy_screen or role != "screen")]
+        roles = [*ROLES[self.kind], *optional]
         self.sessions = {role: make_session(manifest.path(entry["files"][role]["path"]), provider, threads,
                                             session_options)
-                         for role in ROLES[self.kind]}
+                         for role in roles}
         self._check_io()
         self.runner = RUNNERS[self.kind](manifest, self.sessions, self.device)
         self.tokens = manifest.tokens
@@ -174,6 +181,7 @@ class Model:
             if output.texts and output.texts[0]:
                 yield output.texts[0]
             return
+        config = dataclasses.replace(config, output_scores=False)  # text only: greedy may take the screen
         ids, mask = self._batch(rows, config.pad_token_id)
         state = self.runner.begin(ids, mask, 1)
         tokens: list[int] = []
@@ -210,11 +218,11 @@ class Model:
             forced[i, :len(target)] = target
         ids, mask = self._batch(rows, pad)
         state = self.runner.begin(ids, mask, 1)
-        logits = self.runner.prefill(state)  # [batch, vocab]
+        hidden = self.runner.prefill(state)  # [batch, d]
         for step in range(steps):
-            yield log_softmax_inplace(np.asarray(logits, dtype=np.float32))
+            yield log_softmax_inplace(self.runner.logits(hidden))  # [batch, vocab]
             if step + 1 < steps:
-                logits = self.runner.decode_step(state, forced[:, step], np.arange(len(rows), dtype=np.int64))
+                hidden = self.runner.decode_step(state, forced[:, step], np.arange(len(rows), dtype=np.int64))
 
     def decode(self, tokens: Sequence[int]) -> str:
         """transformers' decode(tokens, skip_special_tokens=True) for this export's tokenizer."""
@@ -248,7 +256,8 @@ class Model:
         sequences = [h.tokens for h in hypotheses]
         texts = [self.decode(s) for s in sequences] if self.tokenizer is not None else None
         token_scores = [h.token_scores for h in hypotheses] if config.output_scores else None
-        metrics = {"prefill_seconds": timer.prefill_seconds, "step_seconds": timer.step_seconds}
+        metrics = {"prefill_seconds": timer.prefill_seconds, "step_seconds": timer.step_seconds,
+                   "screened_rows": timer.screened_rows, "full_rows": timer.full_rows}
         return GenerationOutput(sequences, [h.score for h in hypotheses], texts, token_scores, metrics)
 
 
@@ -338,7 +347,10 @@ def _load_tokenizer(manifest: Manifest):
 
 
 def load(folder: str | os.PathLike, provider: str = "cpu", threads: int | None = None, variant: str = "fp32",
-         session_options: ort.SessionOptions | None = None, verify: bool = True) -> Model:
+         session_options: ort.SessionOptions | None = None, verify: bool = True,
+         greedy_screen: bool = True) -> Model:
     """Load an exported folder. provider: 'cpu' or 'cuda'; threads: intra-op threads (None: onnxruntime's
-    default); variant: 'fp32' or a quantized variant the folder holds; verify: check every file's sha256."""
-    return Model(read_manifest(folder), provider, threads, variant, session_options, verify)
+    default); variant: 'fp32' or a quantized variant the folder holds; verify: check every file's sha256;
+    greedy_screen: pick greedy tokens through the screen where the variant has one (exact; off: always the
+    full logits, for comparison)."""
+    return Model(read_manifest(folder), provider, threads, variant, session_options, verify, greedy_screen)

@@ -1,8 +1,12 @@
-"""The graphs behind one loaded model: encode / prefill / decode_step for each kind.
+"""The graphs behind one loaded model: encode / prefill / decode_step for each kind, then the head.
 
 The KV cache lives in OrtValues on the provider's device and is fed back as the next step's past
 through IO binding; the decoder graphs reorder it for beam search themselves (beam_idx input), so
 no cache is copied or concatenated in Python. CPU runs take exactly the same path as CUDA.
+
+The decoder stops at the hidden state [rows, d]; `logits` runs the output projection (head graph)
+and `screen` the greedy screen (export/screen.py), which certifies the argmax from a quarter of
+the projection's bytes.
 """
 
 from __future__ import annotations
@@ -63,6 +67,9 @@ class Runner:
                                                        cache["past_value"].format(layer=i))]
         self.present_names = [n for i in layers for n in (cache["present_key"].format(layer=i),
                                                           cache["present_value"].format(layer=i))]
+        vocab = int(manifest.tokens["vocab_size"])
+        self.screen_candidates = max(1, min(int(manifest.data.get("greedy_screen", {}).get("default_candidates", 128)),
+                                            vocab - 1))
 
     def _empty_past(self, rows: int) -> list[ort.OrtValue]:
         shape = [rows, self.num_heads, 0, self.head_dim]  # [rows, heads, 0, d]
@@ -70,9 +77,7 @@ class Runner:
                 for _ in self.past_names]
 
     def _decode(self, state: DecodeState, feeds: dict[str, np.ndarray], beam_idx: np.ndarray) -> np.ndarray:
-        """One decoder call: feeds + past -> logits [rows, vocab] on the host; presents stay on the device.
-
-        The logits are a fresh buffer each call (bound anew), which the caller may overwrite."""
+        """One decoder call: feeds + past -> hidden [rows, d] on the host; presents stay on the device."""
         values = dict(zip(self.past_names, state.past))
         values.update(zip(self.cross_names, state.cross))
         feeds["beam_idx"] = beam_idx
@@ -82,9 +87,25 @@ class Runner:
         shape = [rows, self.num_heads, state.past[0].shape()[2] + new, self.head_dim]  # [rows, heads, seq, d]
         presents = {name: ort.OrtValue.ortvalue_from_shape_and_type(shape, self.cache_dtype, self.device, 0)
                     for name in self.present_names}
-        outputs = _run(self.sessions["decoder"], self.device, feeds, values, [], ["logits"], presents)
+        outputs = _run(self.sessions["decoder"], self.device, feeds, values, [], ["hidden"], presents)
         state.past = list(presents.values())
         return outputs[-1].numpy()
+
+    def logits(self, hidden: np.ndarray) -> np.ndarray:
+        """hidden [rows, d] -> logits [rows, vocab], a fresh buffer the caller may overwrite."""
+        return _run(self.sessions["head"], self.device, {"hidden": hidden}, {}, [], ["logits"])[0].numpy()
+
+    @property
+    def has_screen(self) -> bool:
+        return "screen" in self.sessions
+
+    def screen(self, hidden: np.ndarray, candidates: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """hidden [rows, d] -> candidate ids [rows, K], their exact logits [rows, K], and a bound [rows] on
+        every other logit (K = candidates, at most vocab - 1)."""
+        outputs = _run(self.sessions["screen"], self.device,
+                       {"hidden": hidden, "candidates": np.array([candidates], np.int64)}, {}, [],
+                       ["candidate_ids", "candidate_logits", "rest_bound"])
+        return tuple(value.numpy() for value in outputs)
 
     cross_names: list[str] = []
 
@@ -115,13 +136,13 @@ class Seq2SeqRunner(Runner):
                            encoder_mask=np.repeat(attention_mask, expand, axis=0))
 
     def prefill(self, state: DecodeState) -> np.ndarray:
-        """The decoder start token for every row -> logits [rows, vocab]."""
+        """The decoder start token for every row -> hidden [rows, d]."""
         rows = state.encoder_mask.shape[0]
         return self.decode_step(state, np.full(rows, self.decoder_start_token_id, np.int64),
                                 np.arange(rows, dtype=np.int64))
 
     def decode_step(self, state: DecodeState, tokens: np.ndarray, beam_idx: np.ndarray) -> np.ndarray:
-        """tokens [rows], beam_idx [rows] (which row's cache each row continues) -> logits [rows, vocab]"""
+        """tokens [rows], beam_idx [rows] (which row's cache each row continues) -> hidden [rows, d]"""
         feeds = {"input_ids": tokens.reshape(-1, 1), "encoder_attention_mask": state.encoder_mask}
         return self._decode(state, feeds, beam_idx)
 
@@ -138,15 +159,15 @@ class DecoderRunner(Runner):
                            past=self._empty_past(input_ids.shape[0]))
 
     def prefill(self, state: DecodeState) -> np.ndarray:
-        """prompt [batch, prompt] (left padded) -> logits [batch*expand, vocab]"""
+        """prompt [batch, prompt] (left padded) -> hidden [batch*expand, d]"""
         batch = state.input_ids.shape[0]
-        logits = self._decode(state, {"input_ids": state.input_ids, "attention_mask": state.attention_mask},
+        hidden = self._decode(state, {"input_ids": state.input_ids, "attention_mask": state.attention_mask},
                               np.arange(batch, dtype=np.int64))
         state.attention_mask = np.repeat(state.attention_mask, state.expand, axis=0)
-        return np.repeat(logits, state.expand, axis=0) if state.expand > 1 else logits
+        return np.repeat(hidden, state.expand, axis=0) if state.expand > 1 else hidden
 
     def decode_step(self, state: DecodeState, tokens: np.ndarray, beam_idx: np.ndarray) -> np.ndarray:
-        """tokens [rows], beam_idx [rows] -> logits [rows, vocab]"""
+        """tokens [rows], beam_idx [rows] -> hidden [rows, d]"""
         if state.expand > 1 and state.past[0].shape()[0] != tokens.shape[0]:
             # The cache still holds one row per prompt: row r of the expanded batch branches from r // expand.
             beam_idx = beam_idx // state.expand

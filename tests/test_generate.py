@@ -185,3 +185,35 @@ def test_beam_candidates_equal_the_dense_top_k(seed):
     indices, scores = beam_candidates(log_probs, running, keep)
     np.testing.assert_array_equal(indices, expected)
     np.testing.assert_array_equal(scores, np.take_along_axis(dense, expected, axis=1))
+
+
+SCREENED = [dict(max_new_tokens=12), dict(max_new_tokens=10, repetition_penalty=1.5, no_repeat_ngram_size=2),
+            dict(max_new_tokens=10, min_new_tokens=10)]
+
+
+@pytest.mark.parametrize("options", SCREENED, ids=["greedy", "penalties", "min_new_tokens"])
+def test_screened_greedy_equals_transformers(family, options):
+    """Greedy without scores picks its tokens through the screen; it must stay token-for-token exact, both where
+    the screen certifies a row and where it falls back to the full logits."""
+    model = load(family["export"])
+    rows = _prompts(family, model)
+    eos = _eos_ids(family, model, rows)
+    pad = model.tokens["pad_token_id"]
+    expected, _ = transformers_generate(_reference_model(family), rows, model.kind, eos, pad, **options)
+    output = model.generate(input_ids=rows, eos_token_id=eos, output_scores=False, **options)
+    assert output.sequences == expected
+    assert output.metrics["screened_rows"] > 0
+    screen = model.runner.screen
+
+    def uncertain_even_rows(hidden, candidates):  # as if the bound were useless on every other row
+        ids, exact, rest = screen(hidden, candidates)
+        rest[::2] = np.inf
+        return ids, exact, rest
+
+    model.runner.screen = uncertain_even_rows
+    mixed = model.generate(input_ids=rows, eos_token_id=eos, output_scores=False, **options)
+    assert mixed.sequences == expected
+    assert mixed.metrics["screened_rows"] > 0 and mixed.metrics["full_rows"] > 0
+    plain = load(family["export"], greedy_screen=False).generate(input_ids=rows, eos_token_id=eos,
+                                                                 output_scores=False, **options)
+    assert plain.sequences == expected and plain.metrics["screened_rows"] == 0

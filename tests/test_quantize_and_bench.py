@@ -78,9 +78,12 @@ def test_keep_fp32_patterns_are_applied_and_recorded(quantized):
         quantize_folder(str(folder), "int8", keep_fp32=("lm_head",), name="int8-keep-head")
         manifest = read_manifest(folder)
         kept = manifest.variant("int8-keep-head")["quantization"]["kept_fp32"]
-        assert kept["patterns"] == ["lm_head"] and kept["weights"]["decoder"] == [weights]
-        graph = onnx.load(str(folder / "int8-keep-head" / "decoder.onnx"), load_external_data=False).graph
+        assert kept["patterns"] == ["lm_head"] and kept["weights"]["head"] == [weights]
+        graph = onnx.load(str(folder / "int8-keep-head" / "head.onnx"), load_external_data=False).graph
         assert any(n.op_type == "MatMul" and n.input[1] == "lm_head" for n in graph.node)
+        # The head is still the fp32 projection: the variant greedy-decodes through the export's screen.
+        assert manifest.variant("int8-keep-head")["files"]["screen"] == manifest.variant("fp32")["files"]["screen"]
+        assert "screen" not in manifest.variant("int8-dynamic")["files"]
         default = manifest.variant("int8-dynamic")["quantization"]["kept_fp32"]
         wo = [w for ws in default["weights"].values() for w in ws]
         assert all(w.endswith("DenseReluDense.wo") for w in wo) and bool(wo) == (name == "mt5")
@@ -127,7 +130,10 @@ def test_bench_plumbing_on_tiny_models(mt5_checkpoint, bloom_checkpoint, tmp_pat
                 batch = model["settings"][setting]["batch"]
                 assert entry["tokens"] == batch * 4  # the generated length is forced
                 assert entry["tokens_per_second"] > 0
+        fp32 = model["backends"][0]["settings"]
+        assert 0 < fp32["1x1"]["screened_share"] <= 1 and "screened_share" not in fp32["2x2"]  # beams: full logits
     table = (tmp_path / "results.md").read_text()
+    assert "Greedy screen" in table
     assert "xmtf int8-dynamic" in table and "pytorch fp32" in table
     for model in report["models"].values():
         fidelity = model["fidelity"]["variants"]["int8-dynamic"]

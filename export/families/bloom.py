@@ -9,7 +9,7 @@ from onnx import TensorProto
 
 from ..graph import Graph, WeightFile
 from . import Family, register_family
-from .common import cache_fields, compare, weights_of
+from .common import cache_fields, compare, head_logits, output_graphs, weights_of
 
 
 def _layer_norm(graph: Graph, x: str, name: str, w: dict, eps: float) -> str:
@@ -96,12 +96,11 @@ def build(model) -> tuple[list, dict]:
 
     last = graph.op("Gather", [x, graph.op("Sub", [graph.op("Squeeze", [new_length]), one])], axis=1)  # [b, h]
     hidden = _layer_norm(graph, last, f"{prefix}.ln_f", w, eps)
-    if tied:
-        # Gemm with transB reads the embedding as stored: the tied weight is kept once.
-        logits = graph.op("Gemm", [hidden, embedding], transB=1)
+    if tied:  # the head reads the embedding where the decoder stores it: the tied weight is kept once
+        outputs = output_graphs(hidden_size, w[f"{prefix}.word_embeddings.weight"], embedding, graph.weights)
     else:
-        logits = graph.matmul(hidden, "lm_head", w["lm_head.weight"])
-    graph.output(logits, "logits", TensorProto.FLOAT, ["batch", config.vocab_size])
+        outputs = output_graphs(hidden_size, w["lm_head.weight"], "lm_head.weight", WeightFile("head.onnx.data"))
+    graph.output(hidden, "hidden", TensorProto.FLOAT, ["batch", hidden_size])
     for i, (k, v) in enumerate(presents):
         graph.output(k, f"present_key.{i}", TensorProto.FLOAT, ["batch", heads, "total", head_dim])
         graph.output(v, f"present_value.{i}", TensorProto.FLOAT, ["batch", heads, "total", head_dim])
@@ -112,7 +111,7 @@ def build(model) -> tuple[list, dict]:
         # and, later, 4-D; this graph's layout is the one in "cache", whatever transformers does.
         "source_cache_layout_note": "graph cache is 4-D [batch, heads, sequence, head_dim] for keys and values",
     }
-    return [(graph, "decoder.onnx", "decoder")], fields
+    return [(graph, "decoder.onnx", "decoder"), *outputs], fields
 
 
 def validate(model, sessions: dict, fields: dict, rng: np.random.Generator) -> dict[str, dict]:
@@ -135,14 +134,17 @@ def validate(model, sessions: dict, fields: dict, rng: np.random.Generator) -> d
     for i in range(config.n_layer):
         feeds[f"past_key.{i}"] = feeds[f"past_value.{i}"] = empty
     out = dict(zip(names, session.run(None, feeds)))
-    diffs = {"decoder.logits.no_past": compare(out["logits"], reference.logits[:, prompt - 1].numpy())}
+    diffs: dict[str, dict] = {}
+    logits = head_logits(sessions, out["hidden"], diffs, "screen.no_past")
+    diffs["decoder.logits.no_past"] = compare(logits, reference.logits[:, prompt - 1].numpy())
     feeds = {"input_ids": input_ids[:, prompt:], "attention_mask": attention_mask,
              "beam_idx": np.arange(batch, dtype=np.int64)}
     for i in range(config.n_layer):
         feeds[f"past_key.{i}"] = out[f"present_key.{i}"]
         feeds[f"past_value.{i}"] = out[f"present_value.{i}"]
     out = dict(zip(names, session.run(None, feeds)))
-    diffs["decoder.logits.with_past"] = compare(out["logits"], reference.logits[:, prompt].numpy())
+    logits = head_logits(sessions, out["hidden"], diffs, "screen.with_past")
+    diffs["decoder.logits.with_past"] = compare(logits, reference.logits[:, prompt].numpy())
     real = attention_mask.astype(bool)[:, None, :, None]  # padded positions hold no meaningful cache
     for i in range(config.n_layer):
         key, value = _layer_cache(reference.past_key_values, i, batch, heads, head_dim)

@@ -39,3 +39,31 @@ def compare(onnx_value: np.ndarray, torch_value, where: np.ndarray | None = None
     if not difference.size:
         return {"max_abs_diff": 0.0, "max_abs_reference": 0.0}
     return {"max_abs_diff": float(difference.max()), "max_abs_reference": float(magnitude.max())}
+
+
+def output_graphs(hidden_size: int, weight: np.ndarray, weight_name: str, weight_file) -> list:
+    """The head (hidden -> logits) and the greedy screen over the same fp32 output projection [V, d]."""
+    from ..screen import build_head, build_screen
+
+    vocab = weight.shape[0]
+    return [(build_head(hidden_size, vocab, weight, weight_name, weight_file), "head.onnx", "head"),
+            (build_screen(weight, weight_name, weight_file), "screen.onnx", "screen")]
+
+
+def head_logits(sessions: dict, hidden: np.ndarray, diffs: dict, check: str) -> np.ndarray:
+    """The head's logits for hidden [batch, d]; checks the greedy screen on the same rows into diffs[check].
+
+    The screen's bound is a guarantee, not an approximation: a row whose logit exceeds it fails the export."""
+    from ..errors import ValidationError
+
+    logits = sessions["head"].run(None, {"hidden": hidden})[0]  # [batch, V]
+    if "screen" in sessions:
+        count = min(16, logits.shape[1] - 1)
+        ids, exact, rest = sessions["screen"].run(None, {"hidden": hidden, "candidates": np.array([count])})
+        diffs[check] = compare(exact, np.take_along_axis(logits, ids, axis=1))
+        others = logits.copy()
+        np.put_along_axis(others, ids, -np.inf, axis=1)
+        if not (others.max(axis=1) <= rest).all():
+            raise ValidationError(f"the greedy screen's bound {rest.tolist()} is below a logit outside its "
+                                  f"candidates ({others.max(axis=1).tolist()}); please report this.")
+    return logits

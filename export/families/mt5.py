@@ -10,7 +10,7 @@ from onnx import TensorProto
 from ..errors import UnsupportedModelError
 from ..graph import Graph, WeightFile
 from . import Family, register_family
-from .common import cache_fields, compare, weights_of
+from .common import cache_fields, compare, head_logits, output_graphs, weights_of
 
 ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh", "gelu", "relu")
 
@@ -163,10 +163,10 @@ def build(model) -> tuple[list, dict]:
     hidden = _rms_norm(decoder, last, "decoder.final_layer_norm", w["decoder.final_layer_norm.weight"], eps)
     if config.tie_word_embeddings:
         hidden = decoder.op("Mul", [hidden, decoder.const(np.float32(config.d_model ** -0.5), np.float32)])
-        logits = decoder.op("Gemm", [hidden, decoder.weight("shared", embedding, shared)], transB=1)
+        outputs = output_graphs(config.d_model, embedding, "shared", shared)
     else:
-        logits = decoder.matmul(hidden, "lm_head", w["lm_head.weight"])
-    decoder.output(logits, "logits", TensorProto.FLOAT, ["batch", config.vocab_size])
+        outputs = output_graphs(config.d_model, w["lm_head.weight"], "lm_head.weight", WeightFile("head.onnx.data"))
+    decoder.output(hidden, "hidden", TensorProto.FLOAT, ["batch", config.d_model])
     for i, (k, v) in enumerate(presents):
         decoder.output(k, f"present_key.{i}", TensorProto.FLOAT, ["batch", heads, "total", head_dim])
         decoder.output(v, f"present_value.{i}", TensorProto.FLOAT, ["batch", heads, "total", head_dim])
@@ -180,7 +180,7 @@ def build(model) -> tuple[list, dict]:
         },
         "hidden_size": config.d_model,
     }
-    return [(encoder, "encoder.onnx", "encoder"), (decoder, "decoder.onnx", "decoder")], fields
+    return [(encoder, "encoder.onnx", "encoder"), (decoder, "decoder.onnx", "decoder"), *outputs], fields
 
 
 def self_bias_positions(graph: Graph, past_length: str, new_length: str, total_length: str) -> str:
@@ -226,13 +226,15 @@ def validate(model, sessions: dict, fields: dict, rng: np.random.Generator) -> d
     # Without past: three tokens at once; with past: the fourth token on top of them.
     first = dict(feeds, input_ids=decoder_ids[:, :3])
     out = dict(zip([o.name for o in sessions["decoder"].get_outputs()], sessions["decoder"].run(None, first)))
-    diffs["decoder.logits.no_past"] = compare(out["logits"], reference.logits[:, 2].numpy())
+    logits = head_logits(sessions, out["hidden"], diffs, "screen.no_past")
+    diffs["decoder.logits.no_past"] = compare(logits, reference.logits[:, 2].numpy())
     second = dict(feeds, input_ids=decoder_ids[:, 3:])
     for i in range(layers):
         second[f"past_key.{i}"] = out[f"present_key.{i}"]
         second[f"past_value.{i}"] = out[f"present_value.{i}"]
     out = dict(zip([o.name for o in sessions["decoder"].get_outputs()], sessions["decoder"].run(None, second)))
-    diffs["decoder.logits.with_past"] = compare(out["logits"], reference.logits[:, 3].numpy())
+    logits = head_logits(sessions, out["hidden"], diffs, "screen.with_past")
+    diffs["decoder.logits.with_past"] = compare(logits, reference.logits[:, 3].numpy())
     for i in range(layers):
         self_key, self_value = _self_layer(cache, i)
         diffs[f"decoder.present_key.{i}"] = compare(out[f"present_key.{i}"], self_key)
