@@ -73,6 +73,7 @@ def _generate(args: argparse.Namespace) -> int:
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
         repetition_penalty=args.repetition_penalty, no_repeat_ngram_size=args.no_repeat_ngram_size,
         length_penalty=args.length_penalty, stop_strings=args.stop or None).items() if v is not None}
+    options["output_scores"] = args.jsonl  # only --jsonl prints scores; without them greedy takes the screen
     if args.ids:
         output = model.generate(input_ids=[args.ids], **options)
         _print(output, [args.ids], args.jsonl)
