@@ -160,7 +160,7 @@ class Model:
                                     [""] * count if self.tokenizer else None)
         expand = config.num_beams if config.num_beams > 1 else config.num_return_sequences
         ids, mask = self._batch(rows, config.pad_token_id)
-        state = self.runner.begin(ids, mask, expand)
+        state = self.runner.begin(ids, mask, expand, config.max_new_tokens)
         timer = StepTimer()
         stop_check = self._stop_check(config)
         if config.num_beams > 1:
@@ -183,7 +183,7 @@ class Model:
             return
         config = dataclasses.replace(config, output_scores=False)  # text only: greedy may take the screen
         ids, mask = self._batch(rows, config.pad_token_id)
-        state = self.runner.begin(ids, mask, 1)
+        state = self.runner.begin(ids, mask, 1, config.max_new_tokens)
         tokens: list[int] = []
         emitted = ""
         for step_tokens, running, _ in sample_tokens(self.runner, state, config, self._stop_check(config),
@@ -217,7 +217,7 @@ class Model:
         for i, target in enumerate(targets):
             forced[i, :len(target)] = target
         ids, mask = self._batch(rows, pad)
-        state = self.runner.begin(ids, mask, 1)
+        state = self.runner.begin(ids, mask, 1, steps)
         hidden = self.runner.prefill(state)  # [batch, d]
         for step in range(steps):
             yield log_softmax_inplace(self.runner.logits(hidden))  # [batch, vocab]

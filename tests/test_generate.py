@@ -217,3 +217,19 @@ def test_screened_greedy_equals_transformers(family, options):
     plain = load(family["export"], greedy_screen=False).generate(input_ids=rows, eos_token_id=eos,
                                                                  output_scores=False, **options)
     assert plain.sequences == expected and plain.metrics["screened_rows"] == 0
+
+
+def test_cache_buffers_alternate_and_overflow_falls_back(family):
+    """The CPU cache lives in two buffers sized for the request; a request that outgrows them (a capacity too
+    small) still decodes the same, on freshly allocated presents."""
+    model = load(family["export"])
+    runner = model.runner
+    ids, mask = model._batch([[5, 6, 7, 8], [9, 10]], model.tokens["pad_token_id"])
+    sized, unsized = runner.begin(ids, mask, 2, 2), runner.begin(ids, mask, 2)
+    hidden = [runner.prefill(sized), runner.prefill(unsized)]
+    rows = hidden[0].shape[0]
+    for step in range(5):  # past the capacity of 2 new tokens
+        tokens, order = np.full(rows, 11 + step), np.arange(rows)[::-1].copy()
+        hidden = [runner.decode_step(sized, tokens, order), runner.decode_step(unsized, tokens, order)]
+        np.testing.assert_allclose(hidden[0], hidden[1], rtol=1e-5, atol=1e-5)
+    assert sized.buffers is not None and unsized.buffers is None
