@@ -95,9 +95,9 @@ class Runner:
         """Where this step's presents [rows, heads, length, d] go, allocated outside onnxruntime's arena.
 
         On the CPU they alternate between two sets of buffers sized for the whole request: the past is read
-        from one while the present is written to the other. A cache that grows by one position per step would
-        otherwise be allocated anew every step and fragment the heap (bloomz-560m at 8x4 beams: peak RSS
-        ~2.1-2.6 GB for ~1.4 GB of live data)."""
+        from one while the present is written to the other, and a cache that grows by one position per step
+        is never allocated again (bloomz-560m int8 at 8x4 beams: bench peak RSS 2.1-2.6 GB before, 1.9 GB
+        after, of which 2 x 352 MB are the past and present held together)."""
         shape = [rows, self.num_heads, length, self.head_dim]
         size = rows * self.num_heads * length * self.head_dim
         if self.device != "cpu" or not state.capacity or length > state.capacity:
