@@ -14,19 +14,31 @@ NOTE = ("Random weights: these numbers measure numerical fidelity of the quantiz
         "not task accuracy.")
 
 
-def compare_variant(reference, candidate, rows: list[list[int]], new_tokens: int, chunk: int = 8) -> dict:
-    """reference, candidate: loaded runtime Models (fp32 and a variant) -> agreement, identical share, mean KL."""
+def _options(new_tokens: int) -> dict:
+    return dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, output_scores=False)
+
+
+def greedy_targets(reference, rows: list[list[int]], new_tokens: int, chunk: int = 8) -> list[list[int]]:
+    """fp32's greedy continuations: the tokens every variant is teacher-forced on."""
+    return [sequence for start in range(0, len(rows), chunk)
+            for sequence in reference.generate(input_ids=rows[start:start + chunk], **_options(new_tokens)).sequences]
+
+
+def compare_variant(reference, candidate, rows: list[list[int]], new_tokens: int, chunk: int = 8,
+                    targets: list[list[int]] | None = None) -> dict:
+    """reference, candidate: loaded runtime Models (fp32 and a variant) -> agreement, identical share, mean KL.
+    targets: greedy_targets(reference, rows, new_tokens), when several variants share them."""
+    if targets is None:
+        targets = greedy_targets(reference, rows, new_tokens, chunk)
     agree = steps = identical = 0
     kl_sum = 0.0
     margins = []  # fp32's gap between its two most likely tokens: small gaps flip under any rounding
     for start in range(0, len(rows), chunk):
-        batch = rows[start:start + chunk]
-        options = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, output_scores=False)
-        targets = reference.generate(input_ids=batch, **options).sequences
-        greedy = candidate.generate(input_ids=batch, **options).sequences
-        identical += sum(a == b for a, b in zip(targets, greedy))
-        lengths = np.array([len(t) for t in targets])
-        pairs = zip(reference.teacher_forced(batch, targets), candidate.teacher_forced(batch, targets))
+        batch, forced = rows[start:start + chunk], targets[start:start + chunk]
+        greedy = candidate.generate(input_ids=batch, **_options(new_tokens)).sequences
+        identical += sum(a == b for a, b in zip(forced, greedy))
+        lengths = np.array([len(t) for t in forced])
+        pairs = zip(reference.teacher_forced(batch, forced), candidate.teacher_forced(batch, forced))
         for step, (p_log, q_log) in enumerate(pairs):  # [batch, vocab] each
             live = lengths > step
             p_log, q_log = p_log[live].astype(np.float64), q_log[live].astype(np.float64)
@@ -51,9 +63,10 @@ def measure(export_dir: str, rows: list[list[int]], new_tokens: int, threads: in
     if not variants:
         return {}
     reference = load(export_dir, provider=provider, threads=threads, verify=False)
+    targets = greedy_targets(reference, rows, new_tokens)
     results = {}
     for variant in variants:
         candidate = load(export_dir, provider=provider, threads=threads, variant=variant, verify=False)
-        results[variant] = compare_variant(reference, candidate, rows, new_tokens)
+        results[variant] = compare_variant(reference, candidate, rows, new_tokens, targets=targets)
         del candidate
     return results

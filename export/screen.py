@@ -27,15 +27,13 @@ BLOCK_SIZE = 32
 BITS = 8
 ZERO_POINT = 1 << (BITS - 1)  # MatMulNBits' default zero point for unsigned 8-bit storage
 FLOAT_ROUNDING = 1.2e-7  # per term of a float32 dot product: |error| <= d * this * |h| * |q_r|
-
-
 DEFAULT_CANDIDATES = 128  # 95% of steps certified at 64 on mt0-small's random preset, 100% at 256
 
 
 def screen_fields() -> dict:
     """What the manifest records about the screen."""
     return {"weight_bits": BITS, "block_size": BLOCK_SIZE, "default_candidates": DEFAULT_CANDIDATES,
-            "bound": "|h| |w_r - q_r| + (sqrt(d) max|h| / 127 + d * 1.2e-7 |h|) |q_r|",
+            "bound": f"|h| |w_r - q_r| + (sqrt(d) max|h| / 127 + d * {FLOAT_ROUNDING} |h|) |q_r|",
             "exact": "argmax of the fp32 head's logits when certified; full logits otherwise"}
 
 

@@ -63,10 +63,14 @@ class StepTimer:
 
 # ---- logits processors: scores [rows, vocab], history [rows, length] -> scores (in place) ----
 
+def penalized(scores: np.ndarray, penalty: float) -> np.ndarray:
+    """transformers' repetition penalty on the scores of tokens already seen (lower them when penalty > 1)."""
+    return np.where(scores < 0, scores * np.float32(penalty), scores / np.float32(penalty))
+
+
 def apply_repetition_penalty(scores: np.ndarray, history: np.ndarray, penalty: float) -> None:
     rows = np.arange(scores.shape[0])[:, None]
-    picked = scores[rows, history]
-    scores[rows, history] = np.where(picked < 0, picked * penalty, picked / penalty)
+    scores[rows, history] = penalized(scores[rows, history], penalty)
 
 
 def banned_ngram_tokens(history: np.ndarray, size: int) -> list[list[int]]:
@@ -107,10 +111,8 @@ def process_candidates(scores: np.ndarray, ids: np.ndarray, history: np.ndarray,
                        config: GenerationConfig) -> np.ndarray:
     """process() on a few columns: scores [rows, k] are the logits of tokens ids [rows, k] (in place)."""
     if config.repetition_penalty != 1.0:
-        seen = (ids[:, :, None] == history[:, None, :]).any(axis=2)
-        penalized = np.where(scores < 0, scores * np.float32(config.repetition_penalty),
-                             scores / np.float32(config.repetition_penalty))
-        scores[seen] = penalized[seen]
+        seen = (ids[:, :, None] == history[:, None, :]).any(axis=2)  # [rows, k]
+        scores[seen] = penalized(scores[seen], config.repetition_penalty)
     if config.no_repeat_ngram_size > 0:
         for row, tokens in enumerate(banned_ngram_tokens(history, config.no_repeat_ngram_size)):
             if tokens:

@@ -2,7 +2,8 @@
 
 The KV cache lives in OrtValues on the provider's device and is fed back as the next step's past
 through IO binding; the decoder graphs reorder it for beam search themselves (beam_idx input), so
-no cache is copied or concatenated in Python. CPU runs take exactly the same path as CUDA.
+no cache is copied or concatenated in Python. On the CPU the presents are written into two
+request-sized buffers used in turn; on CUDA they are device OrtValues.
 
 The decoder stops at the hidden state [rows, d]; `logits` runs the output projection (head graph)
 and `screen` the greedy screen (export/screen.py), which certifies the argmax from a quarter of

@@ -46,10 +46,7 @@ def make_session(path: str, provider: str = "cpu", threads: int | None = None,
         # a run ends keeps an idle pool from taking the cores of the next session (measured on 2 cores:
         # mt0-small fp32 greedy 63 tokens/s with pools left spinning, 116 with spinning stopped).
         options.add_session_config_entry("session.force_spinning_stop", "1")
-        if threads is not None:
-            options.intra_op_num_threads = threads
-            options.inter_op_num_threads = 1
-    elif threads is not None:
+    if threads is not None:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
     providers = [provider_name] if provider_name == "CPUExecutionProvider" else [provider_name,
