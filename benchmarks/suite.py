@@ -317,11 +317,13 @@ def main(argv: list[str] | None = None) -> int:
         from xmtf_onnx.runtime.errors import ManifestError
         from xmtf_onnx.runtime.manifest import read_manifest
 
-        try:
-            stale = not os.path.isdir(export_dir) or not read_manifest(export_dir)
-        except ManifestError as e:  # an export cached by another xmtf-onnx version
-            _log(f"   re-exporting: {e}")
-            stale = True
+        stale = not os.path.isdir(export_dir)
+        if not stale:
+            try:
+                read_manifest(export_dir)
+            except ManifestError as e:  # an export cached by another xmtf-onnx version
+                _log(f"   re-exporting: {e}")
+                stale = True
         if stale:
             from xmtf_onnx.export import export
 
