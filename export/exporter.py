@@ -13,11 +13,9 @@ from typing import Any
 import numpy as np
 
 from xmtf_onnx.runtime.manifest import FORMAT_VERSION, OPTIONAL_ROLES, ROLES, sha256_of, write_manifest
-from xmtf_onnx.runtime.session import make_session
 
-from .errors import ExportError, ModelLoadError, OutputExistsError, ValidationError
+from .errors import ExportError, ModelLoadError, OutputExistsError
 from .families import family_for_model_type
-from .graph import save_graphs
 from .screen import screen_fields
 
 EXPORTER_VERSION = "0.1.0"
@@ -44,15 +42,19 @@ class Progress:
             print(f"      done in {time.perf_counter() - began:.1f}s", file=sys.stderr, flush=True)
 
 
-def _load_model(source: str):
-    """(model, source description) from `preset:NAME`, a local folder or a Hugging Face model id."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+def _resolve_source(source: str):
+    """(config, weight source, source description, checkpoint folder or None) for `preset:NAME`, a local folder or
+    a Hugging Face model id. Nothing here reads the weights: they are read one tensor at a time while writing."""
+    from transformers import AutoConfig
+
+    from .weights import CheckpointSource
 
     if source.startswith("preset:"):
-        from .presets import preset_model
+        from .presets import preset_source
 
-        return preset_model(source.split(":", 1)[1]), {"model": source, "preset": source.split(":", 1)[1]}
+        name = source.split(":", 1)[1]
+        config, weights = preset_source(name)
+        return config, weights, {"model": source, "preset": name, "revision": None}, None
     if os.path.exists(source) and not os.path.isdir(source):
         raise ModelLoadError(f"{source} is a file; pass the checkpoint folder that holds config.json.")
     if os.path.isdir(source) and not os.path.isfile(os.path.join(source, "config.json")):
@@ -67,18 +69,45 @@ def _load_model(source: str):
             f"could not read a config for {source!r} ({type(e).__name__}: {str(e).splitlines()[0][:300]}). "
             "Pass a local checkpoint folder, a reachable model id, or preset:NAME for a random-weight preset."
         ) from e
-    family = family_for_model_type(config.model_type)
-    auto = AutoModelForSeq2SeqLM if family.kind == "seq2seq" else AutoModelForCausalLM
+    family_for_model_type(config.model_type)  # an unsupported model fails before any download
+    folder = source if os.path.isdir(source) else _download(source)
+    return config, CheckpointSource(folder), {"model": source, "preset": None,
+                                              "revision": getattr(config, "_commit_hash", None)}, folder
+
+
+def _download(model_id: str) -> str:
+    """The Hub snapshot of model_id (config, tokenizer and weights; safetensors when the repository has them)."""
+    from huggingface_hub import list_repo_files, snapshot_download
+
     try:
-        model = auto.from_pretrained(source, dtype=torch.float32).eval()
+        files = list_repo_files(model_id)
+        weights = ["*.safetensors", "*.safetensors.index.json"] if any(f.endswith(".safetensors") for f in files) \
+            else ["*.bin", "*.bin.index.json"]
+        return snapshot_download(model_id, allow_patterns=["*.json", "*.model", *weights])
     except Exception as e:
-        raise ModelLoadError(f"could not load the weights of {source!r}: {type(e).__name__}: {e}") from e
-    return model, {"model": source, "revision": getattr(config, "_commit_hash", None), "preset": None}
+        raise ModelLoadError(f"could not download the weights of {model_id!r} ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0][:300]}); download the checkpoint and pass its folder.") from e
 
 
-def _save_tokenizer(source: str, folder: str) -> dict | None:
+def _check_weights(family, config, weights) -> dict[str, tuple]:
+    """Every weight the graphs will read exists with the shape the config implies, before anything is written."""
+    from .weights import CheckpointError
+
+    expected = family.parameters(config)
+    missing = [name for name in expected if name not in weights]
+    wrong = [f"{name} is {list(weights.shape(name))}, the config implies {list(shape)}"
+             for name, (shape, _) in expected.items() if name not in missing and tuple(weights.shape(name)) != shape]
+    if missing or wrong:
+        problems = [f"missing {name}" for name in missing[:5]] + wrong[:5]
+        raise CheckpointError(f"the checkpoint does not match its config.json: {'; '.join(problems)}"
+                              + (" ..." if len(missing) + len(wrong) > 10 else "")
+                              + ". Pass a complete, unmodified checkpoint folder.")
+    return expected
+
+
+def _save_tokenizer(source: str | None, folder: str) -> dict | None:
     """tokenizer.json (converted from spiece.model when that is all there is); None when there is none."""
-    if source.startswith("preset:"):
+    if source is None:  # a preset
         return None
     from transformers import AutoTokenizer
 
@@ -105,8 +134,15 @@ def _eos_list(value) -> list[int]:
     return [int(v) for v in value] if isinstance(value, (list, tuple)) else [int(value)]
 
 
-def _token_fields(model) -> dict[str, Any]:
-    config, generation = model.config, model.generation_config
+def _generation_config(config, folder: str | None):
+    from transformers import GenerationConfig
+
+    if folder and os.path.isfile(os.path.join(folder, "generation_config.json")):
+        return GenerationConfig.from_pretrained(folder)
+    return GenerationConfig.from_model_config(config)
+
+
+def _token_fields(config, generation) -> dict[str, Any]:
     eos = _eos_list(generation.eos_token_id) or _eos_list(config.eos_token_id)
     pad = generation.pad_token_id if generation.pad_token_id is not None else config.pad_token_id
     bos = generation.bos_token_id if generation.bos_token_id is not None else config.bos_token_id
@@ -116,13 +152,12 @@ def _token_fields(model) -> dict[str, Any]:
     return {
         "bos_token_id": bos, "eos_token_id": eos, "pad_token_id": pad,
         "unk_token_id": getattr(config, "unk_token_id", None),
-        "decoder_start_token_id": start if model.config.is_encoder_decoder else None,
+        "decoder_start_token_id": start if config.is_encoder_decoder else None,
         "vocab_size": int(config.vocab_size),  # the logits' width; wider than the tokenizer's vocabulary
     }
 
 
-def _generation_defaults(model) -> dict[str, Any]:
-    generation = model.generation_config
+def _generation_defaults(generation) -> dict[str, Any]:
     return {key: getattr(generation, key) for key in GENERATION_KEYS if getattr(generation, key, None) is not None}
 
 
@@ -149,62 +184,139 @@ def _versions() -> dict[str, str]:
             "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__, "numpy": np.__version__}
 
 
-def _check_tolerance(diffs: dict[str, dict], tolerance: float) -> None:
-    failures = [f"{name}: {d['max_abs_diff']:.3g} (reference scale {d['max_abs_reference']:.3g})"
-                + (f" {d['error']}" if "error" in d else "")
-                for name, d in diffs.items()
-                if not d["max_abs_diff"] <= tolerance * max(1.0, d["max_abs_reference"])]
-    if failures:
-        raise ValidationError(
-            f"the ONNX graphs disagree with PyTorch beyond tolerance {tolerance} (relative to max(1, |ref|)): "
-            + "; ".join(failures[:8]) + (" ..." if len(failures) > 8 else "")
-            + ". Nothing was written. If the model is known to be numerically sensitive, raise --tolerance."
-        )
+class ProgressSource:
+    """A weight source that reports how much of the model it has read (export of a 7B model takes minutes)."""
+
+    def __init__(self, source, total_bytes: int, enabled: bool, label: str = ""):
+        self.source, self.total, self.enabled, self.label = source, max(1, total_bytes), enabled, label
+        self.read, self.last = 0, time.perf_counter()
+
+    def __getattr__(self, name):
+        return getattr(self.source, name)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.source
+
+    def __getitem__(self, name: str):
+        return self.get(name)
+
+    def get(self, name: str):
+        return self._count(self.source.get(name))
+
+    def rows(self, name: str, start: int, stop: int):
+        return self._count(self.source.rows(name, start, stop))
+
+    def chunks(self, name: str, rows_per_chunk: int):
+        total = self.source.shape(name)[0]
+        for start in range(0, total, rows_per_chunk):
+            yield self.rows(name, start, min(total, start + rows_per_chunk))
+
+    def _count(self, array):
+        self.read += array.nbytes
+        now = time.perf_counter()
+        if self.enabled and now - self.last > 10:
+            self.last = now
+            print(f"      {self.label}read {self.read / 1e9:.1f} GB of weights "
+                  f"({min(100, 100 * self.read / self.total):.0f}% of the model)", file=sys.stderr, flush=True)
+        return array
+
+
+BUILT_MODES = ("int8-dynamic", "int8-weight", "int4-weight")  # written straight from the checkpoint
+
+
+def _estimate_bytes(num_parameters: int, mode: str) -> int:
+    return int(num_parameters * {"fp32": 4.3, "int8-dynamic": 1.1, "int8-weight": 1.2, "int4-weight": 0.7,
+                                 "fp16": 2.2}[mode])
 
 
 def export(source: str, output: str | os.PathLike, force: bool = False, tolerance: float = DEFAULT_TOLERANCE,
-           validate: bool = True, progress: bool = True, quantize: list[str] | tuple[str, ...] = ()) -> str:
+           validate: bool = True, progress: bool = True, quantize: list[str] | tuple[str, ...] = (),
+           fp32: bool = True, validation: str = "auto", block_size: int | None = None,
+           keep_fp32=None) -> str:
     """Export SOURCE (model id, checkpoint folder or preset:NAME) to the folder OUTPUT; returns OUTPUT.
 
-    The folder appears complete or not at all: everything is written to a temporary sibling folder
-    and renamed at the end.
+    The weights are streamed: read tensor by tensor from the checkpoint (or generated, for a preset), written
+    as they are produced, never held together. quantize: variants to add (int8, int8-dynamic, int8-weight and
+    int4-weight are written straight from the checkpoint; fp16 is derived from the fp32 graphs). fp32=False
+    leaves the fp32 variant out (a quantized-only folder: give at least one built mode). validation: auto
+    (full up to 3B parameters when it fits in memory, reduced above), full, reduced or none (validate=False).
+    The folder appears complete or not at all: everything is written to a temporary sibling folder and
+    renamed at the end.
     """
+    from .graph import WeightPlan
+    from .quantize import DEFAULT_BLOCK_SIZE, DEFAULT_KEEP_FP32, check_options, resolve_mode
+    from .validation import choose_mode, quantized_checks, validate_full, validate_reduced
+
     output = os.path.abspath(os.fspath(output))
     if os.path.exists(output) and not force:
         raise OutputExistsError(f"{output} exists; pass --force (force=True) to replace it.")
     if not isinstance(tolerance, (int, float)) or not tolerance > 0:
         raise ExportError(f"tolerance must be a positive number, not {tolerance!r}")
+    block_size = DEFAULT_BLOCK_SIZE if block_size is None else block_size
+    patterns = check_options(block_size, DEFAULT_KEEP_FP32 if keep_fp32 is None else keep_fp32, None)
+    modes = list(dict.fromkeys(resolve_mode(m) for m in quantize))
+    if not fp32 and not any(m in BUILT_MODES for m in modes):
+        raise ExportError("a folder without the fp32 variant needs a quantized one: add --quantize int4-weight "
+                          f"(or one of {', '.join(BUILT_MODES)}).")
+    if not fp32 and "fp16" in modes:
+        raise ExportError("the fp16 variant is derived from the fp32 graphs; drop --no-fp32 or --quantize fp16.")
+    validation = "none" if not validate else validation
     parent = os.path.dirname(output)
-    stages = ["load the model", "build the ONNX graphs", "write tokenizer and configs"]
-    stages += ["validate against PyTorch"] if validate else []
-    stages += [f"quantize ({mode})" for mode in quantize] + ["write the manifest"]
+    built = (["fp32"] if fp32 else []) + [m for m in modes if m in BUILT_MODES]
+    stages = ["read the config", *[f"write {v}" for v in built], "validate", *[m for m in modes if m == "fp16"],
+              "write the manifest"]
     progress_bar = Progress(stages, progress)
-    with progress_bar.stage(f"loading {source}"):
-        model, source_fields = _load_model(source)
-        family = family_for_model_type(model.config.model_type)
+    with progress_bar.stage(f"reading the config of {source}"):
+        config, weights, source_fields, folder = _resolve_source(source)
+        family = family_for_model_type(config.model_type)
+        expected = _check_weights(family, config, weights)
+        num_parameters = int(sum(int(np.prod(shape)) for shape, _ in expected.values()))
+        mode = choose_mode(validation, num_parameters)
+        generation = _generation_config(config, folder)
     created_parent = _make_parent(parent)
+    need = sum(_estimate_bytes(num_parameters, v) for v in built + [m for m in modes if m == "fp16"])
+    free = shutil.disk_usage(parent).free
+    if need > free:
+        raise ExportError(f"exporting {num_parameters / 1e9:.1f}B parameters as {', '.join(built)} needs about "
+                          f"{need / 1e9:.0f} GB of disk, and {parent} has {free / 1e9:.0f} GB free; free some space, "
+                          "or export a quantized variant alone (--quantize int4-weight --no-fp32).")
     temporary = tempfile.mkdtemp(prefix=f".{os.path.basename(output)}.partial-", dir=parent)
     os.chmod(temporary, 0o755)
+    total_bytes = 4 * num_parameters
     try:
-        with progress_bar.stage(f"building the {family.name} graphs ({family.kind})"):
-            graphs, fields = family.build(model)
-            save_graphs(temporary, [(graph, filename) for graph, filename, _ in graphs])
-            roles = {role: filename for _, filename, role in graphs}
-        with progress_bar.stage("writing tokenizer.json, config.json, generation_config.json"):
-            tokenizer = _save_tokenizer(source, temporary)
-            model.config.to_json_file(os.path.join(temporary, "config.json"))
-            model.generation_config.to_json_file(os.path.join(temporary, "generation_config.json"))
-        sessions = {role: make_session(os.path.join(temporary, filename), "cpu") for role, filename in roles.items()}
-        io = {role: {"inputs": [i.name for i in s.get_inputs()], "outputs": [o.name for o in s.get_outputs()]}
-              for role, s in sessions.items()}
-        validation: dict[str, Any] = {"performed": False}
-        if validate:
-            with progress_bar.stage("validating the graphs against PyTorch"):
-                diffs = family.validate(model, sessions, fields, np.random.default_rng(0))
-                _check_tolerance(diffs, tolerance)
-                validation = {"performed": True, "tolerance": tolerance,
-                              "rule": "max_abs_diff <= tolerance * max(1, max_abs_reference)", "outputs": diffs}
-        del sessions
+        variants, fields, checks, io, fp32_roles = {}, {}, {}, {}, {}
+        for variant in built:
+            plan = WeightPlan(variant, block_size, patterns) if variant != "fp32" else WeightPlan()
+            with progress_bar.stage(f"writing the {variant} {family.name} graphs ({family.kind}), weights streamed"):
+                reader = ProgressSource(weights, total_bytes, progress)
+                written = _write_variant(family, config, reader, temporary, "" if variant == "fp32" else variant, plan)
+            fields, io = written["fields"], io or written["io"]
+            variants[variant] = {"quantization": None, "files": written["files"]}
+            if variant == "fp32":
+                fp32_roles = written["roles"]
+            else:
+                variants[variant]["quantization"] = _built_quantization(variant, plan, written["graphs"])
+                checks[variant] = quantized_checks(written["store"])
+        tokenizer = _save_tokenizer(folder, temporary)
+        config.to_json_file(os.path.join(temporary, "config.json"))
+        generation.to_json_file(os.path.join(temporary, "generation_config.json"))
+        record: dict[str, Any] = {"mode": "none", "performed": False}
+        if mode != "none":
+            with progress_bar.stage(f"validating against PyTorch ({mode})"):
+                if mode == "full":
+                    scratch = temporary if fp32 else tempfile.mkdtemp(prefix=".validation-", dir=temporary)
+                    roles = fp32_roles or _write_variant(family, config, weights, scratch, "", WeightPlan())["roles"]
+                    record = validate_full(family, config, weights, scratch, roles, fields, tolerance)
+                    if not fp32:
+                        shutil.rmtree(scratch)
+                        record["what"] = "fp32 graphs built by the same code in a scratch folder (not kept)"
+                else:
+                    scratch = tempfile.mkdtemp(prefix=".validation-", dir=temporary)
+                    record = validate_reduced(family, config, weights, scratch, tolerance,
+                                              lambda text: progress and print(text, file=sys.stderr, flush=True))
+                    shutil.rmtree(scratch)
+        if checks:
+            record["quantized_weights"] = checks
         manifest = {
             "format_version": FORMAT_VERSION,
             "exporter": {"name": "xmtf-onnx", "version": EXPORTER_VERSION},
@@ -212,26 +324,30 @@ def export(source: str, output: str | os.PathLike, force: bool = False, toleranc
             "versions": _versions(),
             "family": family.name,
             "kind": family.kind,
-            "model_type": model.config.model_type,
-            "num_parameters": int(sum(p.numel() for p in model.parameters())),
-            "variants": {"fp32": {"quantization": None,
-                                  "files": {role: file_entry(temporary, name) for role, name in roles.items()}}},
+            "model_type": config.model_type,
+            "num_parameters": num_parameters,
+            "default_variant": built[0],
+            "variants": variants,
             "io": io,
             **fields,
-            **({"greedy_screen": screen_fields()} if "screen" in roles else {}),
-            "tokens": _token_fields(model),
+            **({"greedy_screen": screen_fields()} if fp32 else {}),
+            "tokens": _token_fields(config, generation),
             "tokenizer": tokenizer,
-            "generation_defaults": _generation_defaults(model),
-            "validation": validation,
+            "generation_defaults": _generation_defaults(generation),
+            "validation": record,
         }
-        for mode in quantize:
-            from .quantize import add_variant
+        for mode_name in modes:
+            if mode_name == "fp16":
+                from .quantize import add_variant
 
-            with progress_bar.stage(f"quantizing ({mode})"):
-                add_variant(temporary, manifest, mode)
+                with progress_bar.stage("deriving the fp16 variant from the fp32 graphs"):
+                    add_variant(temporary, manifest, mode_name, block_size, patterns)
         with progress_bar.stage("writing the manifest"):
-            if set(roles) - set(OPTIONAL_ROLES) != set(ROLES[family.kind]):
-                raise ExportError(f"family {family.name} built {sorted(roles)}, not {ROLES[family.kind]}")
+            for name, entry in variants.items():
+                roles_built = set(entry["files"]) - set(OPTIONAL_ROLES)
+                if roles_built != set(ROLES[family.kind]):
+                    raise ExportError(f"family {family.name} built {sorted(roles_built)} for {name}, "
+                                      f"not {ROLES[family.kind]}")
             write_manifest(temporary, manifest)
         _replace(temporary, output, force)
     except BaseException:
@@ -240,6 +356,44 @@ def export(source: str, output: str | os.PathLike, force: bool = False, toleranc
             shutil.rmtree(created_parent, ignore_errors=True)
         raise
     return output
+
+
+def _write_variant(family, config, weights, folder: str, subfolder: str, plan) -> dict[str, Any]:
+    """Build and write one variant's graphs under folder/subfolder: its files (manifest entries), the family's
+    manifest fields, roles, IO names, and the graphs and store (what was quantized, the read-back checks)."""
+    from .families.common import Store
+    from .graph import save_graph
+
+    target = os.path.join(folder, subfolder)
+    os.makedirs(target, exist_ok=True)
+    store = Store(target)
+    graphs, fields = family.build(config, weights, store, plan)
+    for graph, filename, _ in graphs:
+        save_graph(target, graph, filename)
+    roles = {role: filename for _, filename, role in graphs}
+    return {"files": {role: file_entry(folder, os.path.join(subfolder, name)) for role, name in roles.items()},
+            "fields": fields, "roles": roles, "graphs": [graph for graph, _, _ in graphs], "store": store,
+            "io": {role: {"inputs": [i.name for i in graph.inputs], "outputs": [o.name for o in graph.outputs]}
+                   for graph, _, role in graphs}}
+
+
+def _built_quantization(mode: str, plan, graphs) -> dict:
+    import onnxruntime
+
+    quantized = sorted({name for graph in graphs for name in graph.quantized})
+    kept = sorted({name for graph in graphs for name in graph.kept_fp32})
+    common = {"mode": mode, "written_from": "the checkpoint, tensor by tensor (no fp32 graphs)",
+              "onnxruntime": onnxruntime.__version__,
+              "kept_fp32": {"patterns": list(plan.keep_fp32), "weights": kept}, "quantized_weights": len(quantized)}
+    if mode == "int8-dynamic":
+        return {"method": "dynamic", "weight_type": "int8", "per_channel": True, "ops": ["MatMul"],
+                "op": "com.microsoft.DynamicQuantizeMatMul",
+                "activations": "uint8, quantized per call", "providers": ["cpu"],
+                "embedding": f"com.microsoft.GatherBlockQuantized, 8-bit blocks of {plan.block_size}", **common}
+    return {"method": "weight-only", "weight_type": f"int{plan.bits}", "block_size": plan.block_size, "symmetric": True,
+            "ops": ["MatMul"], "op": "com.microsoft.MatMulNBits", "accuracy_level": 4, "providers": ["cpu", "cuda"],
+            "embedding": f"com.microsoft.GatherBlockQuantized over the same {plan.bits}-bit blocks "
+                         "(one copy when the head is tied to the embedding)", **common}
 
 
 def _make_parent(parent: str) -> str | None:

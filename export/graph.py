@@ -1,15 +1,21 @@
-"""A small ONNX graph builder: the families write their graphs with it, op by op.
+"""A small ONNX graph builder that streams its weights to disk: the families write their graphs with it.
 
 Building the graphs directly (as onnxruntime-genai's model builder does) instead of tracing PyTorch
 gives us the exact IO contract the runtime reads, one copy of every weight, and ops that
-onnxruntime fuses well. Every graph is checked against PyTorch before the export is kept.
+onnxruntime fuses well. Every weight is written to its external-data file the moment the graph
+asks for it (transposed or quantized on the way) and then dropped: memory holds one tensor, or one
+block of rows of the 250k-row embeddings, never the model. A WeightPlan decides how each MatMul
+weight is stored (fp32, or quantized straight from the checkpoint).
 """
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
+import math
 import os
 from dataclasses import dataclass, field
+from typing import Iterable
 
 import numpy as np
 import onnx
@@ -17,8 +23,11 @@ from onnx import TensorProto, helper, numpy_helper
 
 OPSET = 17
 MS_DOMAIN = "com.microsoft"
-# Weights start on a 64-byte boundary (SIMD loads); page alignment would bloat small models.
+# Large weights start on a page boundary, so that onnxruntime memory-maps them instead of copying them to
+# the heap; small ones on 64 bytes (SIMD loads), so that a tiny model is not mostly padding.
+PAGE = 4096
 ALIGNMENT = 64
+PAGE_ALIGNED_FROM = 1 << 16  # bytes
 
 DTYPES = {
     np.dtype(np.float32): TensorProto.FLOAT,
@@ -30,44 +39,110 @@ DTYPES = {
     np.dtype(np.bool_): TensorProto.BOOL,
 }
 
+WEIGHT_MODES = ("fp32", "int8-dynamic", "int8-weight", "int4-weight")
+
+
+@dataclass(frozen=True)
+class WeightPlan:
+    """How MatMul weights (and the embedding table) are stored. mode: fp32, int8-dynamic (DynamicQuantizeMatMul,
+    per-channel int8), int8-weight / int4-weight (MatMulNBits, symmetric blocks). Weights whose name matches a
+    keep_fp32 pattern stay fp32."""
+
+    mode: str = "fp32"
+    block_size: int = 32
+    keep_fp32: tuple[str, ...] = ()
+
+    def quantizes(self, name: str) -> bool:
+        return self.mode != "fp32" and not any(fnmatch.fnmatchcase(name, p) for p in self.keep_fp32)
+
+    @property
+    def bits(self) -> int:
+        return 4 if self.mode == "int4-weight" else 8
+
+
+@dataclass
+class Placement:
+    offset: int
+    length: int
+    dtype: np.dtype
+    shape: tuple[int, ...]
+
 
 @dataclass
 class WeightFile:
-    """One external-data file that several graphs may point into (a shared embedding, say)."""
+    """One external-data file that several graphs may point into (a shared embedding, say), written as it grows."""
 
     name: str
-    arrays: dict[str, np.ndarray] = field(default_factory=dict)
+    folder: str | None = None
+    placements: dict[str, Placement] = field(default_factory=dict)
+    # weight name -> largest |read back and dequantized - source| in quantization steps (see check_quantized)
+    checks: dict[str, float] = field(default_factory=dict)
+    _end: int = 0
+
+    def bind(self, folder: str) -> "WeightFile":
+        self.folder = folder
+        open(os.path.join(folder, self.name), "wb").close()
+        return self
+
+    def reserve(self, key: str, dtype, shape: tuple[int, ...]) -> Placement:
+        """Room for a tensor, aligned; fill it with write_rows / write_columns."""
+        if self.folder is None:
+            raise RuntimeError(f"weight file {self.name} is not bound to a folder")
+        dtype = np.dtype(dtype)
+        length = math.prod(shape) * dtype.itemsize
+        alignment = PAGE if length >= PAGE_ALIGNED_FROM else ALIGNMENT
+        offset = self._end + (-self._end) % alignment
+        self._end = offset + length
+        with open(os.path.join(self.folder, self.name), "r+b") as handle:
+            handle.truncate(self._end)
+        placement = Placement(offset, length, dtype, tuple(int(d) for d in shape))
+        self.placements[key] = placement
+        return placement
+
+    def write_rows(self, key: str, start: int, rows: np.ndarray) -> None:
+        """rows [n, ...] at row `start` of the reserved tensor."""
+        placement = self.placements[key]
+        row_bytes = placement.length // max(1, placement.shape[0]) if placement.shape else placement.length
+        data = np.ascontiguousarray(rows, dtype=placement.dtype).tobytes()
+        with open(os.path.join(self.folder, self.name), "r+b") as handle:
+            os.pwrite(handle.fileno(), data, placement.offset + start * row_bytes)
+
+    def write_columns(self, key: str, start: int, columns: np.ndarray) -> None:
+        """columns [rows, n] at column `start` of a reserved 2-D tensor (a transposed layout written in blocks)."""
+        placement = self.placements[key]
+        columns = np.ascontiguousarray(columns, dtype=placement.dtype)
+        width, item = placement.shape[1], placement.dtype.itemsize
+        with open(os.path.join(self.folder, self.name), "r+b") as handle:
+            for row in range(columns.shape[0]):
+                os.pwrite(handle.fileno(), columns[row].tobytes(), placement.offset + (row * width + start) * item)
 
     def add(self, key: str, array: np.ndarray) -> None:
-        self.arrays[key] = np.ascontiguousarray(array)
+        array = np.ascontiguousarray(array)
+        self.reserve(key, array.dtype, array.shape)
+        self.write_rows(key, 0, array.reshape(array.shape or (1,)))
 
-    def write(self, folder: str) -> dict[str, tuple[int, int]]:
-        """Write every array ALIGNMENT-aligned; return key -> (offset, length)."""
-        placement: dict[str, tuple[int, int]] = {}
-        with open(os.path.join(folder, self.name), "wb") as handle:
-            for key, array in self.arrays.items():
-                offset = handle.tell()
-                padding = (-offset) % ALIGNMENT
-                handle.write(b"\0" * padding)
-                offset += padding
-                data = array.tobytes()
-                handle.write(data)
-                placement[key] = (offset, len(data))
-        return placement
+    def read(self, key: str) -> np.ndarray:
+        """A written tensor, memory-mapped (to check what was written)."""
+        placement = self.placements[key]
+        return np.memmap(os.path.join(self.folder, self.name), dtype=placement.dtype, mode="r",
+                         offset=placement.offset, shape=placement.shape)
 
 
 class Graph:
     """Accumulates nodes and initializers; `op` returns the name of the node's (first) output."""
 
-    def __init__(self, name: str, weights: WeightFile):
+    def __init__(self, name: str, weights: WeightFile, plan: WeightPlan | None = None):
         self.name = name
         self.nodes: list[onnx.NodeProto] = []
         self.inputs: list[onnx.ValueInfoProto] = []
         self.outputs: list[onnx.ValueInfoProto] = []
         self.weights = weights
-        # initializer name -> (weight file, key in that file)
-        self.initializers: dict[str, tuple[WeightFile, str]] = {}
+        self.plan = plan or WeightPlan()
+        # initializer name -> (weight file, key in that file, shape it is read as)
+        self.initializers: dict[str, tuple[WeightFile, str, tuple[int, ...]]] = {}
         self.constants: list[onnx.TensorProto] = []
+        self.quantized: list[str] = []  # weight names written quantized (for the manifest)
+        self.kept_fp32: list[str] = []  # quantizable weights kept fp32 by the plan
         self._counter = 0
 
     def _fresh(self, hint: str) -> str:
@@ -85,12 +160,15 @@ class Graph:
         return name
 
     def weight(self, name: str, array: np.ndarray, weights: WeightFile | None = None) -> str:
-        """A large tensor stored as external data (in this graph's weight file unless told)."""
+        """A tensor stored as external data (in this graph's weight file unless told), written now."""
         target = weights or self.weights
-        if name not in self.initializers:
-            if name not in target.arrays:
-                target.add(name, array)
-            self.initializers[name] = (target, name)
+        if name not in target.placements:
+            target.add(name, array)
+        return self.refer(name, target, name)
+
+    def refer(self, name: str, weights: WeightFile, key: str, shape: tuple[int, ...] | None = None) -> str:
+        """An initializer over bytes already written under `key` (read as `shape` if given: one copy, two views)."""
+        self.initializers[name] = (weights, key, tuple(shape) if shape is not None else weights.placements[key].shape)
         return name
 
     def const(self, array, dtype=np.int64) -> str:
@@ -108,10 +186,32 @@ class Graph:
 
     # A few composites used by both families.
     def matmul(self, x: str, weight_name: str, weight: np.ndarray, bias: np.ndarray | None = None) -> str:
-        """x @ weight.T (+ bias), with weight in PyTorch's [out, in] layout."""
-        y = self.op("MatMul", [x, self.weight(weight_name, np.ascontiguousarray(weight.T))])
+        """x @ weight.T (+ bias), with weight in PyTorch's [out, in] layout, stored as the plan says."""
+        if self.plan.quantizes(weight_name):
+            y = self._quantized_matmul(x, weight_name, weight)
+        else:
+            if self.plan.mode != "fp32":
+                self.kept_fp32.append(weight_name)
+            y = self.op("MatMul", [x, self.weight(weight_name, np.ascontiguousarray(weight.T))])
         if bias is not None:
             y = self.op("Add", [y, self.weight(weight_name + ".bias", bias)])
+        return y
+
+    def _quantized_matmul(self, x: str, weight_name: str, weight: np.ndarray) -> str:
+        out_features, in_features = weight.shape
+        self.quantized.append(weight_name)
+        if self.plan.mode == "int8-dynamic":
+            quantized, scales = quantize_per_channel(weight)
+            y = self.op("DynamicQuantizeMatMul", [x, self.weight(weight_name + ".int8", quantized.T),
+                                                  self.weight(weight_name + ".int8.scale", scales)], domain=MS_DOMAIN)
+            check_quantized(self.weights, weight_name, weight, weight_name + ".int8", 0)
+            return y
+        blocks, scales = quantize_blocks(weight, self.plan.bits, self.plan.block_size)
+        y = self.op("MatMulNBits", [x, self.weight(weight_name + ".q", blocks),
+                                    self.weight(weight_name + ".q.scales", scales.reshape(-1))],
+                    domain=MS_DOMAIN, K=in_features, N=out_features, bits=self.plan.bits,
+                    block_size=self.plan.block_size, accuracy_level=4)
+        check_quantized(self.weights, weight_name, weight, weight_name + ".q", 0, self.plan.bits)
         return y
 
     def split_heads(self, x: str, num_heads: int, head_dim: int) -> str:
@@ -154,29 +254,97 @@ class Graph:
         return model
 
 
-def save_graphs(folder: str, graphs: list[tuple[Graph, str]]) -> None:
-    """Write each graph's weight files once, then each graph with external-data references into them."""
-    placements: dict[str, dict[str, tuple[int, int]]] = {}
-    for graph, _ in graphs:
-        for weight_file, _key in graph.initializers.values():
-            if weight_file.name not in placements:
-                placements[weight_file.name] = weight_file.write(folder)
+# ---- quantization of one tensor (or one block of rows) ----
+
+def quantize_per_channel(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """weight [out, in] -> (int8 [out, in], scale [out]): symmetric, one scale per output channel."""
+    scales = np.abs(weight).max(axis=1) / np.float32(127)
+    scales[scales == 0] = 1.0
+    quantized = np.clip(np.rint(weight / scales[:, None]), -127, 127).astype(np.int8)
+    return quantized, scales.astype(np.float32)
+
+
+def quantize_blocks(weight: np.ndarray, bits: int, block_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """weight [N, K] (rows = output features) -> MatMulNBits' (blocks [N, K/block, block*bits/8] uint8,
+    scales [N, K/block] fp32), symmetric with the default zero point (onnxruntime's own quantizer: the value of
+    largest magnitude maps to -2^(bits-1) exactly). GatherBlockQuantized reads the same layout."""
+    from onnxruntime.capi._pybind_state import quantize_matmul_4bits, quantize_matmul_8bits
+
+    rows, depth = weight.shape
+    blocks = -(-depth // block_size)
+    packed = np.zeros((rows, blocks, block_size * bits // 8), np.uint8)
+    scales = np.zeros(rows * blocks, np.float32)
+    zero_points = np.zeros(rows * blocks, np.uint8)
+    quantize = quantize_matmul_4bits if bits == 4 else quantize_matmul_8bits
+    quantize(packed, np.ascontiguousarray(weight.T, dtype=np.float32), scales, zero_points, block_size, rows, depth,
+             True)
+    return packed, scales.reshape(rows, blocks)
+
+
+def dequantize_blocks(packed: np.ndarray, scales: np.ndarray, bits: int, depth: int) -> np.ndarray:
+    """The inverse of quantize_blocks (what MatMulNBits and GatherBlockQuantized compute with) -> [N, depth]."""
+    rows, blocks = scales.shape
+    if bits == 4:
+        values = np.empty((rows, packed.shape[1], packed.shape[2] * 2), np.int16)
+        values[..., 0::2] = packed & 0x0F
+        values[..., 1::2] = packed >> 4
+        values -= 8
+    else:
+        values = packed.astype(np.int16) - 128
+    return (values * scales[:, :, None]).reshape(rows, -1)[:, :depth].astype(np.float32)
+
+
+def check_quantized(weights: WeightFile, name: str, source_rows: np.ndarray, key: str, start: int,
+                    bits: int | None = None) -> float:
+    """Read rows [start, start + n) of a quantized tensor back from disk, dequantize them as onnxruntime will, and
+    compare with the source rows: the error must stay within one quantization step (the rounding bound of both
+    formats), so a wrong offset, layout or packing fails the export. Records the worst ratio in weights.checks."""
+    count, depth = source_rows.shape
+    if bits is None:  # per-channel int8, stored transposed [in, out] (or [d, V] for a table)
+        written = np.asarray(weights.read(key))[:, start:start + count].T.astype(np.float32)
+        scales = np.asarray(weights.read(key + ".scale")).reshape(-1)[start:start + count]
+        step = np.abs(scales)[:, None]
+        error = np.abs(written * scales[:, None] - source_rows)
+    else:
+        packed = np.asarray(weights.read(key))[start:start + count]
+        blocks = packed.shape[1]
+        scales = np.asarray(weights.read(key + ".scales")).reshape(-1)[start * blocks:(start + count) * blocks]
+        scales = scales.reshape(count, blocks)
+        error = np.abs(dequantize_blocks(packed, scales, bits, depth) - source_rows)
+        block_size = packed.shape[2] * 8 // bits
+        step = np.repeat(np.abs(scales), block_size, axis=1)[:, :depth]
+    ratio = np.divide(error, step, out=np.zeros_like(error), where=step > 0)
+    ratio[(step == 0) & (error > 0)] = np.inf
+    worst = float(ratio.max()) if ratio.size else 0.0
+    weights.checks[name] = max(weights.checks.get(name, 0.0), worst)
+    return worst
+
+
+# ---- writing the graphs ----
+
+def save_graph(folder: str, graph: Graph, filename: str) -> None:
+    """Write a graph whose initializers point into the (already written) weight files."""
+    model = graph.to_model()
+    for name, (weight_file, key, shape) in graph.initializers.items():
+        placement = weight_file.placements[key]
+        if math.prod(shape) * placement.dtype.itemsize != placement.length:
+            raise RuntimeError(f"{name}: shape {shape} does not cover the {placement.length} bytes of {key}")
+        tensor = TensorProto(name=name, data_type=DTYPES[placement.dtype], dims=list(shape))
+        tensor.data_location = TensorProto.EXTERNAL
+        for entry_key, entry_value in (("location", weight_file.name), ("offset", str(placement.offset)),
+                                       ("length", str(placement.length))):
+            entry = tensor.external_data.add()
+            entry.key, entry.value = entry_key, entry_value
+        model.graph.initializer.append(tensor)
+    path = os.path.join(folder, filename)
+    with open(path, "wb") as handle:
+        handle.write(model.SerializeToString())
+    onnx.checker.check_model(path)
+
+
+def save_graphs(folder: str, graphs: Iterable[tuple[Graph, str]]) -> None:
     for graph, filename in graphs:
-        model = graph.to_model()
-        for name, (weight_file, key) in graph.initializers.items():
-            array = weight_file.arrays[key]
-            tensor = TensorProto(name=name, data_type=DTYPES[array.dtype], dims=list(array.shape))
-            offset, length = placements[weight_file.name][key]
-            tensor.data_location = TensorProto.EXTERNAL
-            for entry_key, entry_value in (("location", weight_file.name), ("offset", str(offset)),
-                                           ("length", str(length))):
-                entry = tensor.external_data.add()
-                entry.key, entry.value = entry_key, entry_value
-            model.graph.initializer.append(tensor)
-        path = os.path.join(folder, filename)
-        with open(path, "wb") as handle:
-            handle.write(model.SerializeToString())
-        onnx.checker.check_model(path)
+        save_graph(folder, graph, filename)
 
 
 def sha256_file(path: str, chunk: int = 1 << 22) -> str:

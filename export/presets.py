@@ -35,13 +35,12 @@ def preset_config(name: str):
     return AutoConfig.for_model(values.pop("model_type"), **values)
 
 
-def preset_model(name: str, seed: int = 0):
-    """The preset's architecture with random weights (seeded, so every run builds the same model)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+def preset_source(name: str, seed: int = 0):
+    """(config, weight source) for preset NAME: seeded random weights with transformers' initial distributions,
+    generated tensor by tensor (and block of rows by block of rows) as the exporter reads them: no model is
+    ever built, so mt0-xxl and bloomz-7b1 work on a machine smaller than their fp32 weights."""
+    from .families import family_for_model_type
+    from .weights import RandomSource
 
     config = preset_config(name)
-    torch.manual_seed(seed)
-    auto = AutoModelForSeq2SeqLM if config.model_type == "mt5" else AutoModelForCausalLM
-    model = auto.from_config(config, dtype=torch.float32)
-    return model.eval()
+    return config, RandomSource(family_for_model_type(config.model_type).parameters(config), seed)

@@ -22,6 +22,7 @@ import numpy as np
 from onnx import TensorProto
 
 from .graph import MS_DOMAIN, Graph, WeightFile
+from .weights import WeightSource
 
 BLOCK_SIZE = 32
 BITS = 8
@@ -60,31 +61,34 @@ def _norm_up(x: np.ndarray) -> np.ndarray:
     return np.where(as32 < norms, np.nextafter(as32, np.float32(np.inf)), as32).astype(np.float32)
 
 
-def build_screen(weight: np.ndarray, weight_name: str, weight_file: WeightFile, chunk: int = 1 << 16) -> Graph:
-    """The screen graph over the output projection `weight` [V, d] (PyTorch layout), whose fp32 rows are read
-    from weight_file under weight_name (the head graph's own copy: nothing is stored twice).
+def build_screen(source: WeightSource, name: str, table_file: WeightFile, table_key: str, screen_file: WeightFile,
+                 chunk: int = 1 << 16) -> Graph:
+    """The screen graph over the output projection `name` [V, d] (PyTorch layout) of `source`, whose fp32 rows are
+    read from table_file under table_key (the head graph's own copy: nothing is stored twice); the screen's 8-bit
+    copy and norms go to screen_file, written a block of rows at a time.
 
     inputs: hidden [batch, d] fp32, candidates int64 [1] (K, at most V - 1)
     outputs: candidate_ids [batch, K] int64, candidate_logits [batch, K] fp32 (exact),
              rest_bound [batch] fp32 (>= the logit of every row not among the candidates)
     """
-    vocab, depth = weight.shape
-    graph = Graph("greedy_screen", WeightFile("screen.onnx.data"))
-    blocks, scales = [], []
+    vocab, depth = source.shape(name)
+    graph = Graph("greedy_screen", screen_file)
+    blocks = -(-depth // BLOCK_SIZE)
+    screen_file.reserve("screen.weight_q8", np.uint8, (vocab, blocks, BLOCK_SIZE))
+    screen_file.reserve("screen.scales", np.float32, (vocab * blocks,))
     weight_error, row_norm = np.empty(vocab, np.float32), np.empty(vocab, np.float32)
     for start in range(0, vocab, chunk):  # bounded temporaries on a 250k x 4096 projection
-        rows = weight[start:start + chunk]
+        rows = source.rows(name, start, min(vocab, start + chunk))
         q, s, dequantized = quantize_rows(rows)
-        blocks.append(q)
-        scales.append(s)
+        screen_file.write_rows("screen.weight_q8", start, q)
+        screen_file.write_rows("screen.scales", start * blocks, s.reshape(-1))
         weight_error[start:start + chunk] = _norm_up(rows.astype(np.float64) - dequantized)
         row_norm[start:start + chunk] = _norm_up(dequantized)
-    quantized = np.concatenate(blocks)
 
     hidden = graph.input("hidden", TensorProto.FLOAT, ["batch", depth])
     candidates = graph.input("candidates", TensorProto.INT64, [1])
-    approx = graph.op("MatMulNBits", [hidden, graph.weight("screen.weight_q8", quantized),
-                                      graph.weight("screen.scales", np.concatenate(scales).reshape(-1))],
+    approx = graph.op("MatMulNBits", [hidden, graph.refer("screen.weight_q8", screen_file, "screen.weight_q8"),
+                                      graph.refer("screen.scales", screen_file, "screen.scales")],
                       domain=MS_DOMAIN, K=depth, N=vocab, bits=BITS, block_size=BLOCK_SIZE, accuracy_level=4)
     norm = graph.op("Sqrt", [graph.op("ReduceSumSquare", [hidden], axes=[-1], keepdims=1)])  # [batch, 1]
     peak = graph.op("ReduceMax", [graph.op("Abs", [hidden])], axes=[-1], keepdims=1)  # [batch, 1]
@@ -97,21 +101,10 @@ def build_screen(weight: np.ndarray, weight_name: str, weight_file: WeightFile, 
                                    largest=1, sorted=1)
     ids = graph.op("Slice", [top_ids, graph.const([0]), candidates, one])  # [batch, K]
     rest = graph.op("Slice", [top_values, candidates, graph.op("Add", [candidates, one]), one])  # [batch, 1]
-    rows = graph.op("Gather", [graph.weight(weight_name, weight, weight_file), ids], axis=0)  # [batch, K, d]
+    rows = graph.op("Gather", [graph.refer(table_key, table_file, table_key), ids], axis=0)  # [batch, K, d]
     exact = graph.op("MatMul", [rows, graph.op("Unsqueeze", [hidden, graph.const([2])])])  # [batch, K, 1]
     graph.output(ids, "candidate_ids", TensorProto.INT64, ["batch", "candidates"])
     graph.output(graph.op("Squeeze", [exact, graph.const([2])]), "candidate_logits", TensorProto.FLOAT,
                  ["batch", "candidates"])
     graph.output(graph.op("Squeeze", [rest, one]), "rest_bound", TensorProto.FLOAT, ["batch"])
-    return graph
-
-
-def build_head(hidden_size: int, vocab: int, weight: np.ndarray, weight_name: str, weight_file: WeightFile) -> Graph:
-    """hidden [batch, d] -> logits [batch, V]: the output projection alone, so that greedy decoding can skip it.
-
-    Gemm with transB reads the weight in PyTorch's [V, d] layout (a tied embedding is stored once)."""
-    graph = Graph("head", weight_file)
-    hidden = graph.input("hidden", TensorProto.FLOAT, ["batch", hidden_size])
-    logits = graph.op("Gemm", [hidden, graph.weight(weight_name, weight, weight_file)], transB=1)
-    graph.output(logits, "logits", TensorProto.FLOAT, ["batch", vocab])
     return graph

@@ -25,7 +25,9 @@ def _export(args: argparse.Namespace) -> int:
         print(f"error: export needs the export extra: pip install 'xmtf-onnx[export]' ({e})", file=sys.stderr)
         return 2
     output = export(args.model, args.output, force=args.force, tolerance=args.tolerance,
-                    validate=not args.no_validate, progress=not args.quiet, quantize=args.quantize or ())
+                    validate=not args.no_validate, progress=not args.quiet, quantize=args.quantize or (),
+                    fp32=not args.no_fp32, validation=args.validation, block_size=args.block_size,
+                    keep_fp32=None if args.keep_fp32 is None else _patterns(args.keep_fp32))
     print(output)
     return 0
 
@@ -125,9 +127,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     export = commands.add_parser(
         "export", help="checkpoint -> self-describing ONNX folder",
-        description="Export MODEL to the folder OUTPUT: ONNX graphs with KV cache, tokenizer.json, manifest. "
-                    "The graphs are checked against PyTorch before the folder appears; a failed export leaves "
-                    "nothing behind.")
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Export MODEL to the folder OUTPUT: ONNX graphs with KV cache, tokenizer.json, manifest.\n"
+                    "Weights are streamed (read, transformed and written one tensor at a time), so memory does not\n"
+                    "grow with the model: mt0-xxl and bloomz-7b1 export in a few GB. The graphs are checked against\n"
+                    "PyTorch before the folder appears; a failed export leaves nothing behind.",
+        epilog="examples:\n"
+               "  xmtf-onnx export preset:mt0-small exported/mt0-small --quantize int8\n"
+               "  xmtf-onnx export preset:bloomz-7b1 exported/bloomz-7b1 --quantize int4-weight --no-fp32\n"
+               "  xmtf-onnx export ./mt0-xl-checkpoint exported/mt0-xl --quantize int8 --no-fp32 --validation full")
     export.add_argument("model", metavar="MODEL",
                         help="a Hugging Face model id, a local checkpoint folder, or preset:NAME "
                              "(mt0-small, mt0-base, mt0-large, mt0-xl, mt0-xxl, bloomz-560m, bloomz-1b1, "
@@ -139,7 +147,22 @@ def build_parser() -> argparse.ArgumentParser:
                              "int8-dynamic, int8-weight, int4-weight, fp16 (for CUDA)")
     export.add_argument("--tolerance", type=float, default=1e-3,
                         help="max |ONNX - PyTorch| relative to max(1, |PyTorch|) (default 1e-3)")
-    export.add_argument("--no-validate", action="store_true", help="skip the comparison with PyTorch")
+    export.add_argument("--no-fp32", action="store_true",
+                        help="write only the quantized variant(s), straight from the checkpoint: no fp32 graphs are "
+                             "written or held (the large models: mt0-xl, mt0-xxl, bloomz-3b, bloomz-7b1)")
+    export.add_argument("--block-size", type=int, default=None,
+                        help="block size of the weight-only modes (MatMulNBits; default 32)")
+    export.add_argument("--keep-fp32", default=None, metavar="PATTERNS",
+                        help="comma-separated globs of weight names kept fp32 in quantized variants (default: mT5's "
+                             "'*DenseReluDense.wo'; the output projection is 'lm_head', the embedding 'shared' or "
+                             "'transformer.word_embeddings')")
+    export.add_argument("--validation", default="auto", choices=["auto", "full", "reduced", "none"],
+                        help="full: the whole model against transformers (needs ~2.2x the fp32 weights in memory); "
+                             "reduced: first and last layers of the real weights, full width, against transformers, "
+                             "plus every quantized weight read back; auto (default): full below 3B parameters when "
+                             "it fits in memory, reduced above")
+    export.add_argument("--no-validate", action="store_true", help="skip the comparison with PyTorch "
+                                                                   "(--validation none)")
     export.add_argument("--quiet", action="store_true", help="no progress output")
     export.set_defaults(handler=_export)
 
@@ -170,7 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--no-stream", action="store_true", help="print a single prompt's text at the end")
     generate.add_argument("--provider", default="cpu", choices=["cpu", "cuda"])
     generate.add_argument("--threads", type=int, help="intra-op threads (default: onnxruntime's choice)")
-    generate.add_argument("--variant", default="fp32", help="fp32 or a quantized variant of the folder")
+    generate.add_argument("--variant", help="a variant of the folder (default: the one its manifest names, fp32 "
+                                            "when it has it)")
     generate.add_argument("--max-new-tokens", type=int)
     generate.add_argument("--min-new-tokens", type=int)
     generate.add_argument("--num-beams", type=int)

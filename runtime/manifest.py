@@ -49,6 +49,11 @@ class Manifest:
     def variants(self) -> dict[str, Any]:
         return self.data["variants"]
 
+    @property
+    def default_variant(self) -> str:
+        """The variant load() takes when none is named: recorded at export (a quantized-only folder has no fp32)."""
+        return self.data.get("default_variant", "fp32")
+
     def variant(self, name: str) -> dict[str, Any]:
         if name not in self.variants:
             raise ManifestError(

@@ -40,12 +40,13 @@ class GenerationOutput:
 
 class Model:
     def __init__(self, manifest: Manifest, provider: str = "cpu", threads: int | None = None,
-                 variant: str = "fp32", session_options: ort.SessionOptions | None = None,
+                 variant: str | None = None, session_options: ort.SessionOptions | None = None,
                  verify: bool = True, greedy_screen: bool = True):
         self.manifest = manifest
         self.kind = manifest.kind
         self.provider = resolve_provider(provider)
         self.device = "cuda" if self.provider == "CUDAExecutionProvider" else "cpu"
+        variant = manifest.default_variant if variant is None else variant
         self.variant = variant
         entry = manifest.variant(variant)
         manifest.verify_files(variant, check_hashes=verify)
@@ -346,11 +347,12 @@ def _load_tokenizer(manifest: Manifest):
         raise ManifestError(f"{path} cannot be read by tokenizers ({e}); export the model again.") from e
 
 
-def load(folder: str | os.PathLike, provider: str = "cpu", threads: int | None = None, variant: str = "fp32",
+def load(folder: str | os.PathLike, provider: str = "cpu", threads: int | None = None, variant: str | None = None,
          session_options: ort.SessionOptions | None = None, verify: bool = True,
          greedy_screen: bool = True) -> Model:
     """Load an exported folder. provider: 'cpu' or 'cuda'; threads: intra-op threads (None: onnxruntime's
-    default); variant: 'fp32' or a quantized variant the folder holds; verify: check every file's sha256;
+    default); variant: a variant the folder holds (None: the manifest's default_variant, fp32 when the
+    folder has it); verify: check every file's sha256;
     greedy_screen: pick greedy tokens through the screen where the variant has one (exact; off: always the
     full logits, for comparison)."""
     return Model(read_manifest(folder), provider, threads, variant, session_options, verify, greedy_screen)

@@ -112,7 +112,7 @@ def test_refuses_to_overwrite_then_force_replaces(family, tmp_path):
     assert (target / "keep.txt").read_text() == "mine"
     export(str(family["checkpoint"]), target, force=True, progress=False, validate=False)
     assert not (target / "keep.txt").exists()
-    assert read_manifest(target).data["validation"] == {"performed": False}
+    assert read_manifest(target).data["validation"] == {"mode": "none", "performed": False}
     assert sorted(os.listdir(tmp_path)) == ["out"]  # no temporary folder left behind
 
 

@@ -6,8 +6,10 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from xmtf_onnx.export.graph import WeightFile, save_graphs
-from xmtf_onnx.export.screen import build_head, build_screen, quantize_rows
+from xmtf_onnx.export.families.common import output_graphs
+from xmtf_onnx.export.graph import WeightFile, WeightPlan, save_graphs
+from xmtf_onnx.export.screen import quantize_rows
+from xmtf_onnx.export.weights import ArraySource
 from xmtf_onnx.runtime.generation import GenerationConfig, StepTimer, greedy_tokens
 
 
@@ -19,9 +21,9 @@ def screen(tmp_path_factory):
     weight[7] = 0.0  # an all-zero row (scale guard)
     weight[11, 5] = 40.0  # one outlier weight dominates its block
     folder = tmp_path_factory.mktemp("screen")
-    weights = WeightFile("head.onnx.data")
-    save_graphs(str(folder), [(build_head(72, 3000, weight, "w", weights), "head.onnx"),
-                              (build_screen(weight, "w", weights), "screen.onnx")])
+    graphs = output_graphs(72, ArraySource({"w": weight}), "w", WeightFile("head.onnx.data").bind(str(folder)), "w",
+                           WeightPlan())
+    save_graphs(str(folder), [(graph, filename) for graph, filename, _ in graphs])
     return (weight, ort.InferenceSession(str(folder / "head.onnx")), ort.InferenceSession(str(folder / "screen.onnx")))
 
 
@@ -97,8 +99,9 @@ def test_bound_holds_where_quantization_decides_the_order(tmp_path, outliers):
     rng = np.random.default_rng(2)
     base = rng.standard_normal(64).astype(np.float32)
     weight = (base + rng.standard_normal((3000, 64)).astype(np.float32) * 0.02)
-    weights = WeightFile("head.onnx.data")
-    save_graphs(str(tmp_path), [(build_screen(weight, "w", weights), "screen.onnx")])
+    graphs = output_graphs(64, ArraySource({"w": weight}), "w", WeightFile("head.onnx.data").bind(str(tmp_path)),
+                           "w", WeightPlan())
+    save_graphs(str(tmp_path), [(graph, filename) for graph, filename, _ in graphs])
     session = ort.InferenceSession(str(tmp_path / "screen.onnx"))
     hidden = rng.standard_normal((64, 64)).astype(np.float32)
     if outliers:

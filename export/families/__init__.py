@@ -12,8 +12,12 @@ from ..errors import UnsupportedModelError
 class Family:
     """What the exporter needs to know about one family of models.
 
-    build(model) -> (graphs, manifest fields): graphs are (Graph, filename, role) triples.
-    validate(model, folder, manifest_fields) -> {check name: max abs difference}.
+    build(config, weight source, store, plan) -> (graphs, manifest fields): graphs are (Graph, filename, role)
+        triples, their weights already written to the store's files.
+    validate(torch model, sessions, manifest fields, rng) -> {check name: max abs difference}.
+    parameters(config) -> {weight name: (shape, initial distribution)}: every weight the graphs read.
+    truncate(config, select, vocab_rows) -> (smaller config, name map to the full checkpoint, vocabulary tables,
+        layers kept): the same architecture with fewer layers and vocabulary rows, for validation in bounded memory.
     """
 
     name: str
@@ -21,6 +25,8 @@ class Family:
     model_types: tuple[str, ...]
     build: Callable[[Any], tuple[list, dict]]
     validate: Callable[..., dict[str, float]]
+    parameters: Callable[[Any], dict]
+    truncate: Callable[..., tuple]
 
 
 FAMILIES: dict[str, Family] = {}

@@ -3,13 +3,16 @@ left-padded batches need no position ids."""
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import torch
 from onnx import TensorProto
 
-from ..graph import Graph, WeightFile
+from ..graph import Graph, WeightPlan
+from ..weights import WeightSource, layer_renamer
 from . import Family, register_family
-from .common import cache_fields, compare, head_logits, output_graphs, weights_of
+from .common import Store, cache_fields, compare, embedding, head_logits, output_graphs
 
 
 def _layer_norm(graph: Graph, x: str, name: str, w: dict, eps: float) -> str:
@@ -25,15 +28,14 @@ def _alibi_slopes(num_heads: int) -> np.ndarray:
     return alibi[:, 0, 1].numpy().astype(np.float32)
 
 
-def build(model) -> tuple[list, dict]:
-    config = model.config
-    w = weights_of(model)
+def build(config, w: WeightSource, store: Store, plan: WeightPlan) -> tuple[list, dict]:
+    """The graphs from a config and a weight source, each weight written as it is read (see graph.py)."""
     heads = config.n_head
     hidden_size = config.hidden_size
     head_dim = hidden_size // heads  # BLOOM's own definition; recorded in the manifest for the runtime
     eps = config.layer_norm_epsilon
     tied = config.tie_word_embeddings
-    graph = Graph("bloom_decoder", WeightFile("decoder.onnx.data"))
+    graph = Graph("bloom_decoder", store.file("decoder.onnx.data"), plan)
     prefix = "transformer"
 
     input_ids = graph.input("input_ids", TensorProto.INT64, ["batch", "new"])
@@ -42,8 +44,8 @@ def build(model) -> tuple[list, dict]:
     past = [(graph.input(f"past_key.{i}", TensorProto.FLOAT, ["past_batch", heads, "past", head_dim]),
              graph.input(f"past_value.{i}", TensorProto.FLOAT, ["past_batch", heads, "past", head_dim]))
             for i in range(config.n_layer)]
-    embedding = graph.weight(f"{prefix}.word_embeddings", w[f"{prefix}.word_embeddings.weight"])
-    x = graph.op("Gather", [embedding, input_ids], axis=0)  # [batch, new, hidden]
+    table = f"{prefix}.word_embeddings"
+    x = embedding(graph, input_ids, w, f"{table}.weight", graph.weights, table)  # [batch, new, hidden]
     x = _layer_norm(graph, x, f"{prefix}.word_embeddings_layernorm", w, eps)
 
     zero, one = graph.const(0), graph.const(1)
@@ -97,9 +99,9 @@ def build(model) -> tuple[list, dict]:
     last = graph.op("Gather", [x, graph.op("Sub", [graph.op("Squeeze", [new_length]), one])], axis=1)  # [b, h]
     hidden = _layer_norm(graph, last, f"{prefix}.ln_f", w, eps)
     if tied:  # the head reads the embedding where the decoder stores it: the tied weight is kept once
-        outputs = output_graphs(hidden_size, w[f"{prefix}.word_embeddings.weight"], embedding, graph.weights)
+        outputs = output_graphs(hidden_size, w, f"{table}.weight", graph.weights, table, plan)
     else:
-        outputs = output_graphs(hidden_size, w["lm_head.weight"], "lm_head.weight", WeightFile("head.onnx.data"))
+        outputs = output_graphs(hidden_size, w, "lm_head.weight", store.file("head.onnx.data"), "lm_head.weight", plan)
     graph.output(hidden, "hidden", TensorProto.FLOAT, ["batch", hidden_size])
     for i, (k, v) in enumerate(presents):
         graph.output(k, f"present_key.{i}", TensorProto.FLOAT, ["batch", heads, "total", head_dim])
@@ -166,4 +168,43 @@ def _layer_cache(cache, i: int, batch: int, heads: int, head_dim: int) -> tuple[
     return key, value
 
 
-register_family(Family(name="bloom", kind="decoder", model_types=("bloom",), build=build, validate=validate))
+def parameters(config) -> dict[str, tuple[tuple[int, ...], tuple]]:
+    """Every weight of BloomForCausalLM: shape and transformers' initial distribution (normal with
+    initializer_range, zero biases, unit norms), for the random presets and for checking a checkpoint."""
+    h, normal = config.hidden_size, ("normal", config.initializer_range)
+    found = {"transformer.word_embeddings.weight": ((config.vocab_size, h), normal)}
+
+    def norm(name: str) -> None:
+        found[f"{name}.weight"], found[f"{name}.bias"] = ((h,), ("ones",)), ((h,), ("zeros",))
+
+    def linear(name: str, out_features: int, in_features: int) -> None:
+        found[f"{name}.weight"] = ((out_features, in_features), normal)
+        found[f"{name}.bias"] = ((out_features,), ("zeros",))
+
+    norm("transformer.word_embeddings_layernorm")
+    for i in range(config.n_layer):
+        p = f"transformer.h.{i}"
+        norm(f"{p}.input_layernorm")
+        linear(f"{p}.self_attention.query_key_value", 3 * h, h)
+        linear(f"{p}.self_attention.dense", h, h)
+        norm(f"{p}.post_attention_layernorm")
+        linear(f"{p}.mlp.dense_h_to_4h", 4 * h, h)
+        linear(f"{p}.mlp.dense_4h_to_h", h, 4 * h)
+    norm("transformer.ln_f")
+    if not config.tie_word_embeddings:
+        found["lm_head.weight"] = ((config.vocab_size, h), normal)
+    return found
+
+
+def truncate(config, select, vocab_rows: int):
+    """A config with the layers select(n_layer) picks and the first vocab_rows rows of the vocabulary, and the
+    name map from it to the full checkpoint."""
+    layers = select(config.n_layer)
+    small = copy.deepcopy(config)
+    small.n_layer, small.vocab_size = len(layers), min(config.vocab_size, vocab_rows)
+    rename = layer_renamer({r"^transformer\.h\.(\d+)\.": dict(enumerate(layers))})
+    return small, rename, ("transformer.word_embeddings.weight", "lm_head.weight"), {"decoder": layers}
+
+
+register_family(Family(name="bloom", kind="decoder", model_types=("bloom",), build=build, validate=validate,
+                       parameters=parameters, truncate=truncate))

@@ -1,13 +1,26 @@
-"""Helpers shared by the family modules."""
+"""Helpers shared by the family modules: the cache contract, the embedding table, the output graphs."""
 
 from __future__ import annotations
 
 import numpy as np
 
+from ..graph import MS_DOMAIN, Graph, WeightFile, WeightPlan, check_quantized, quantize_blocks, quantize_per_channel
+from ..weights import WeightSource, rows_per_chunk
 
-def weights_of(model) -> dict[str, np.ndarray]:
-    """The model's parameters as float32 numpy arrays, by their PyTorch names."""
-    return {name: tensor.detach().float().cpu().numpy() for name, tensor in model.state_dict().items()}
+HEAD_WEIGHT = "lm_head"  # the output projection's name for keep-fp32 patterns, tied or not
+
+
+class Store:
+    """The weight files of one export folder, created on first use and written as the graphs are built."""
+
+    def __init__(self, folder: str):
+        self.folder = folder
+        self.files: dict[str, WeightFile] = {}
+
+    def file(self, name: str) -> WeightFile:
+        if name not in self.files:
+            self.files[name] = WeightFile(name).bind(self.folder)
+        return self.files[name]
 
 
 def cache_fields(num_layers: int, num_heads: int, head_dim: int) -> dict:
@@ -41,13 +54,117 @@ def compare(onnx_value: np.ndarray, torch_value, where: np.ndarray | None = None
     return {"max_abs_diff": float(difference.max()), "max_abs_reference": float(magnitude.max())}
 
 
-def output_graphs(hidden_size: int, weight: np.ndarray, weight_name: str, weight_file) -> list:
-    """The head (hidden -> logits) and the greedy screen over the same fp32 output projection [V, d]."""
-    from ..screen import build_head, build_screen
+# ---- [V, d] tables (embedding, output projection), written in blocks of rows ----
 
-    vocab = weight.shape[0]
-    return [(build_head(hidden_size, vocab, weight, weight_name, weight_file), "head.onnx", "head"),
-            (build_screen(weight, weight_name, weight_file), "screen.onnx", "screen")]
+def _chunks(source: WeightSource, name: str):
+    return source.chunks(name, rows_per_chunk(source.shape(name)[1]))
+
+
+def fp32_table(weights: WeightFile, key: str, source: WeightSource, name: str) -> str:
+    """The table as fp32 rows under `key` (written once)."""
+    if key not in weights.placements:
+        weights.reserve(key, np.float32, source.shape(name))
+        start = 0
+        for rows in _chunks(source, name):
+            weights.write_rows(key, start, rows)
+            start += len(rows)
+    return key
+
+
+def block_table(weights: WeightFile, key: str, source: WeightSource, name: str, bits: int, block_size: int) -> str:
+    """The table in MatMulNBits' symmetric blocks under key.q{bits}b{block} (+ .scales), written once: the tied
+    head's MatMulNBits and the embedding's GatherBlockQuantized read the same bytes."""
+    base = f"{key}.q{bits}b{block_size}"
+    if base not in weights.placements:
+        vocab, depth = source.shape(name)
+        blocks = -(-depth // block_size)
+        weights.reserve(base, np.uint8, (vocab, blocks, block_size * bits // 8))
+        weights.reserve(base + ".scales", np.float32, (vocab, blocks))
+        start = 0
+        for rows in _chunks(source, name):
+            packed, scales = quantize_blocks(rows, bits, block_size)
+            weights.write_rows(base, start, packed)
+            weights.write_rows(base + ".scales", start, scales)
+            check_quantized(weights, name, rows, base, start, bits)
+            start += len(rows)
+    return base
+
+
+def int8_columns_table(weights: WeightFile, key: str, source: WeightSource, name: str) -> str:
+    """The table transposed to [d, V] int8, one scale per row of the table (DynamicQuantizeMatMul's layout)."""
+    base = f"{key}.int8"
+    if base not in weights.placements:
+        vocab, depth = source.shape(name)
+        weights.reserve(base, np.int8, (depth, vocab))
+        weights.reserve(base + ".scale", np.float32, (vocab,))
+        start = 0
+        for rows in _chunks(source, name):
+            quantized, scales = quantize_per_channel(rows)
+            weights.write_columns(base, start, quantized.T)
+            weights.write_rows(base + ".scale", start, scales)
+            check_quantized(weights, name, rows, base, start)
+            start += len(rows)
+    return base
+
+
+def embedding(graph: Graph, ids: str, source: WeightSource, name: str, weights: WeightFile, key: str) -> str:
+    """Rows of the [V, d] table `name` for ids [batch, seq] -> [batch, seq, d] fp32: an fp32 Gather, or
+    GatherBlockQuantized over the plan's blocks (8-bit blocks for int8-dynamic)."""
+    plan = graph.plan
+    vocab, depth = source.shape(name)
+    if not plan.quantizes(key):
+        if plan.mode != "fp32":
+            graph.kept_fp32.append(key)
+        table = graph.refer(key, weights, fp32_table(weights, key, source, name))
+        return graph.op("Gather", [table, ids], axis=0)
+    bits = plan.bits
+    base = block_table(weights, key, source, name, bits, plan.block_size)
+    graph.quantized.append(key)
+    blocks = weights.placements[base + ".scales"].shape[1]
+    data = graph.refer(base, weights, base, (vocab, blocks * plan.block_size * bits // 8))
+    scales = graph.refer(base + ".scales", weights, base + ".scales")
+    rows = graph.op("GatherBlockQuantized", [data, ids, scales], domain=MS_DOMAIN, gather_axis=0, quantize_axis=1,
+                    block_size=plan.block_size, bits=bits)
+    if blocks * plan.block_size != depth:  # the last block is zero-padded
+        rows = graph.op("Slice", [rows, graph.const([0]), graph.const([depth]), graph.const([-1])])
+    return rows
+
+
+def output_graphs(hidden_size: int, source: WeightSource, name: str, weights: WeightFile, key: str,
+                  plan: WeightPlan) -> list:
+    """The head (hidden -> logits) over the [V, d] projection `name`, stored as the plan says, and, when the head
+    is fp32, the greedy screen over the same fp32 rows. `key` names the table in `weights` (a tied embedding's
+    key: the bytes are shared)."""
+    from onnx import TensorProto
+
+    from ..screen import build_screen
+
+    vocab = source.shape(name)[0]
+    head = Graph("head", weights, plan)
+    hidden = head.input("hidden", TensorProto.FLOAT, ["batch", hidden_size])
+    if plan.quantizes(HEAD_WEIGHT):
+        head.quantized.append(HEAD_WEIGHT)
+        if plan.mode == "int8-dynamic":
+            base = int8_columns_table(weights, key, source, name)
+            logits = head.op("DynamicQuantizeMatMul", [hidden, head.refer(base, weights, base),
+                                                       head.refer(base + ".scale", weights, base + ".scale")],
+                             domain=MS_DOMAIN)
+        else:
+            base = block_table(weights, key, source, name, plan.bits, plan.block_size)
+            blocks = weights.placements[base + ".scales"].shape[1]
+            logits = head.op("MatMulNBits", [hidden, head.refer(base, weights, base),
+                                             head.refer(base + ".scales", weights, base + ".scales", (vocab * blocks,))],
+                             domain=MS_DOMAIN, K=hidden_size, N=vocab, bits=plan.bits, block_size=plan.block_size,
+                             accuracy_level=4)
+        head.output(logits, "logits", TensorProto.FLOAT, ["batch", vocab])
+        return [(head, "head.onnx", "head")]
+    if plan.mode != "fp32":
+        head.kept_fp32.append(HEAD_WEIGHT)
+    table = head.refer(key, weights, fp32_table(weights, key, source, name))
+    # Gemm with transB reads the weight in PyTorch's [V, d] layout (a tied embedding is stored once)
+    head.output(head.op("Gemm", [hidden, table], transB=1), "logits", TensorProto.FLOAT, ["batch", vocab])
+    return [(head, "head.onnx", "head"), (build_screen(source, name, weights, key, WeightFile("screen.onnx.data").bind(weights.folder)),
+                                        "screen.onnx", "screen")]
 
 
 def head_logits(sessions: dict, hidden: np.ndarray, diffs: dict, check: str) -> np.ndarray:

@@ -3,14 +3,17 @@ request), and a decoder graph with a self-attention KV cache that takes those ke
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import torch
 from onnx import TensorProto
 
 from ..errors import UnsupportedModelError
-from ..graph import Graph, WeightFile
+from ..graph import Graph, WeightPlan
+from ..weights import WeightSource, layer_renamer
 from . import Family, register_family
-from .common import cache_fields, compare, head_logits, output_graphs, weights_of
+from .common import Store, cache_fields, compare, embedding, head_logits, output_graphs
 
 ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh", "gelu", "relu")
 
@@ -75,22 +78,20 @@ def _attention_projections(graph: Graph, x: str, prefix: str, w: dict, heads: in
             for n in names]
 
 
-def build(model) -> tuple[list, dict]:
-    config = model.config
+def build(config, w: WeightSource, store: Store, plan: WeightPlan) -> tuple[list, dict]:
+    """The graphs from a config and a weight source, each weight written as it is read (see graph.py)."""
     if config.dense_act_fn not in ACTIVATIONS:
         raise UnsupportedModelError(f"feed_forward_proj {config.feed_forward_proj!r} is not supported")
-    w = weights_of(model)
     heads, head_dim, eps = config.num_heads, config.d_kv, config.layer_norm_epsilon
     max_distance = config.relative_attention_max_distance
-    shared = WeightFile("embeddings.bin")
-    encoder = Graph("mt5_encoder", WeightFile("encoder.onnx.data"))
-    decoder = Graph("mt5_decoder", WeightFile("decoder.onnx.data"))
-    embedding = w["shared.weight"]
+    shared = store.file("embeddings.bin")
+    encoder = Graph("mt5_encoder", store.file("encoder.onnx.data"), plan)
+    decoder = Graph("mt5_decoder", store.file("decoder.onnx.data"), plan)
 
     # Encoder: input_ids [batch, src] -> cross_key.i / cross_value.i [batch, heads, src, d] per decoder layer
     input_ids = encoder.input("input_ids", TensorProto.INT64, ["batch", "source"])
     attention_mask = encoder.input("attention_mask", TensorProto.INT64, ["batch", "source"])
-    x = encoder.op("Gather", [encoder.weight("shared", embedding, shared), input_ids], axis=0)  # [b, s, model]
+    x = embedding(encoder, input_ids, w, "shared.weight", shared, "shared")  # [b, s, model]
     allowed = encoder.op("Cast", [encoder.op("Unsqueeze", [attention_mask, encoder.const([1, 2])])],
                          to=TensorProto.BOOL)  # [b, 1, 1, s]
     source_length = encoder.shape_dim(input_ids, 1)
@@ -125,7 +126,7 @@ def build(model) -> tuple[list, dict]:
     cross = [(decoder.input(f"cross_key.{i}", TensorProto.FLOAT, cache_shape),
               decoder.input(f"cross_value.{i}", TensorProto.FLOAT, cache_shape))
              for i in range(config.num_decoder_layers)]
-    x = decoder.op("Gather", [decoder.weight("shared", embedding, shared), input_ids], axis=0)
+    x = embedding(decoder, input_ids, w, "shared.weight", shared, "shared")
     cross_allowed = decoder.op("Cast", [decoder.op("Unsqueeze", [encoder_mask, decoder.const([1, 2])])],
                                to=TensorProto.BOOL)
     past_length = decoder.shape_dim(past[0][0], 2)
@@ -163,9 +164,10 @@ def build(model) -> tuple[list, dict]:
     hidden = _rms_norm(decoder, last, "decoder.final_layer_norm", w["decoder.final_layer_norm.weight"], eps)
     if config.tie_word_embeddings:
         hidden = decoder.op("Mul", [hidden, decoder.const(np.float32(config.d_model ** -0.5), np.float32)])
-        outputs = output_graphs(config.d_model, embedding, "shared", shared)
+        outputs = output_graphs(config.d_model, w, "shared.weight", shared, "shared", plan)
     else:
-        outputs = output_graphs(config.d_model, w["lm_head.weight"], "lm_head.weight", WeightFile("head.onnx.data"))
+        outputs = output_graphs(config.d_model, w, "lm_head.weight", store.file("head.onnx.data"), "lm_head.weight",
+                                plan)
     decoder.output(hidden, "hidden", TensorProto.FLOAT, ["batch", config.d_model])
     for i, (k, v) in enumerate(presents):
         decoder.output(k, f"present_key.{i}", TensorProto.FLOAT, ["batch", heads, "total", head_dim])
@@ -256,4 +258,56 @@ def _cross_layer(cache, i: int):
     return cache[i][2].numpy(), cache[i][3].numpy()
 
 
-register_family(Family(name="mt5", kind="seq2seq", model_types=("mt5", "t5"), build=build, validate=validate))
+def parameters(config) -> dict[str, tuple[tuple[int, ...], tuple]]:
+    """Every weight of MT5ForConditionalGeneration: shape and transformers' initial distribution (T5's
+    _init_weights), for the random presets and for checking a checkpoint before anything is written."""
+    d, inner, d_ff, factor = config.d_model, config.num_heads * config.d_kv, config.d_ff, config.initializer_factor
+    normal = lambda std: ("normal", factor * std)  # noqa: E731
+    ones = ((d,), ("ones",))
+    found = {"shared.weight": ((config.vocab_size, d), normal(1.0))}
+
+    def attention(prefix: str) -> None:
+        found[f"{prefix}.q.weight"] = ((inner, d), normal((d * config.d_kv) ** -0.5))
+        found[f"{prefix}.k.weight"] = ((inner, d), normal(d ** -0.5))
+        found[f"{prefix}.v.weight"] = ((inner, d), normal(d ** -0.5))
+        found[f"{prefix}.o.weight"] = ((d, inner), normal(inner ** -0.5))
+
+    def feed_forward(prefix: str) -> None:
+        for name in ("wi_0", "wi_1") if config.is_gated_act else ("wi",):
+            found[f"{prefix}.{name}.weight"] = ((d_ff, d), normal(d ** -0.5))
+        found[f"{prefix}.wo.weight"] = ((d, d_ff), normal(d_ff ** -0.5))
+
+    for stack, layers in (("encoder", config.num_layers), ("decoder", config.num_decoder_layers)):
+        for i in range(layers):
+            p = f"{stack}.block.{i}.layer"
+            attention(f"{p}.0.SelfAttention")
+            if i == 0:
+                found[f"{p}.0.SelfAttention.relative_attention_bias.weight"] = (
+                    (config.relative_attention_num_buckets, config.num_heads), normal(d ** -0.5))
+            found[f"{p}.0.layer_norm.weight"] = ones
+            if stack == "decoder":
+                attention(f"{p}.1.EncDecAttention")
+                found[f"{p}.1.layer_norm.weight"] = ones
+            feed_forward(f"{p}.{2 if stack == 'decoder' else 1}.DenseReluDense")
+            found[f"{p}.{2 if stack == 'decoder' else 1}.layer_norm.weight"] = ones
+        found[f"{stack}.final_layer_norm.weight"] = ones
+    if not config.tie_word_embeddings:
+        found["lm_head.weight"] = ((config.vocab_size, d), normal(1.0))
+    return found
+
+
+def truncate(config, select, vocab_rows: int):
+    """A config with the layers `select(count)` picks of each stack and the first vocab_rows rows of the vocabulary,
+    and the name map from it to the full checkpoint."""
+    encoder, decoder = select(config.num_layers), select(config.num_decoder_layers)
+    small = copy.deepcopy(config)
+    small.num_layers, small.num_decoder_layers = len(encoder), len(decoder)
+    small.vocab_size = min(config.vocab_size, vocab_rows)
+    rename = layer_renamer({r"^encoder\.block\.(\d+)\.": dict(enumerate(encoder)),
+                            r"^decoder\.block\.(\d+)\.": dict(enumerate(decoder))},
+                           pinned=("relative_attention_bias",))
+    return small, rename, ("shared.weight", "lm_head.weight"), {"encoder": encoder, "decoder": decoder}
+
+
+register_family(Family(name="mt5", kind="seq2seq", model_types=("mt5", "t5"), build=build, validate=validate,
+                       parameters=parameters, truncate=truncate))
