@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -91,12 +92,12 @@ def prepare_checkpoint(preset: str, folder: str) -> str:
     if os.path.isfile(os.path.join(folder, "config.json")):
         return folder
     from tokenizers import Tokenizer, models
-    from transformers import PreTrainedTokenizerFast
+    from transformers import GenerationConfig, PreTrainedTokenizerFast
 
-    from xmtf_onnx.export.presets import preset_model
+    from xmtf_onnx.export.presets import preset_source
+    from xmtf_onnx.export.weights import write_checkpoint
 
-    model = preset_model(preset)
-    config = model.config
+    config, weights = preset_source(preset)
     specials = ({0: "<pad>", 1: "</s>", 2: "<unk>"} if config.model_type == "mt5"
                 else {0: "<unk>", 1: "<s>", 2: "</s>", 3: "<pad>"})
     vocab = {specials.get(i, f"t{i}"): i for i in range(config.vocab_size)}
@@ -104,10 +105,23 @@ def prepare_checkpoint(preset: str, folder: str) -> str:
     fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", eos_token="</s>",
                                    pad_token="<pad>", **({"bos_token": "<s>"} if "<s>" in vocab else {}))
     partial = folder + ".partial"
-    model.save_pretrained(partial)
+    shutil.rmtree(partial, ignore_errors=True)
+    os.makedirs(partial)
+    # Streamed tensor by tensor (no torch model): the large presets fit; bf16 halves the disk of 3B+ models.
+    dtype = "float32" if preset_parameters(config) < 2e9 else "bfloat16"
+    write_checkpoint(weights, weights.names(), partial, dtype)
+    config.save_pretrained(partial)
+    GenerationConfig.from_model_config(config).save_pretrained(partial)
     fast.save_pretrained(partial)
     os.rename(partial, folder)
     return folder
+
+
+def preset_parameters(config) -> int:
+    from xmtf_onnx.export.families import family_for_model_type
+
+    parameters = family_for_model_type(config.model_type).parameters(config)
+    return sum(int(np.prod(shape)) for shape, _ in parameters.values())
 
 
 def prepare_rivals(checkpoint: str, work: str, backends: list[str], is_seq2seq: bool) -> dict[str, str | Exception]:

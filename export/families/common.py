@@ -163,8 +163,8 @@ def output_graphs(hidden_size: int, source: WeightSource, name: str, weights: We
     table = head.refer(key, weights, fp32_table(weights, key, source, name))
     # Gemm with transB reads the weight in PyTorch's [V, d] layout (a tied embedding is stored once)
     head.output(head.op("Gemm", [hidden, table], transB=1), "logits", TensorProto.FLOAT, ["batch", vocab])
-    return [(head, "head.onnx", "head"), (build_screen(source, name, weights, key, WeightFile("screen.onnx.data").bind(weights.folder)),
-                                        "screen.onnx", "screen")]
+    screen = build_screen(source, name, weights, key, WeightFile("screen.onnx.data").bind(weights.folder))
+    return [(head, "head.onnx", "head"), (screen, "screen.onnx", "screen")]
 
 
 def head_logits(sessions: dict, hidden: np.ndarray, diffs: dict, check: str) -> np.ndarray:
