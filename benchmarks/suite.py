@@ -33,7 +33,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         prog="xmtf-onnx bench", formatter_class=argparse.RawDescriptionHelpFormatter,
         description=__doc__,
         epilog="examples:\n  xmtf-onnx bench --quick\n  xmtf-onnx bench --models bloomz-560m --settings 1x1,8x4\n"
-               "  xmtf-onnx bench --backends xmtf,pytorch --new-tokens 16 --repeats 1")
+               "  xmtf-onnx bench --backends xmtf,pytorch --new-tokens 16 --repeats 1\n"
+               "  xmtf-onnx bench large --help     # export cost and the large presets (mt0-xl ... bloomz-7b1)")
     parser.add_argument("--quick", action="store_true",
                         help=f"small grid: {QUICK['models']} x {QUICK['settings']}, {QUICK['repeats']} repeats")
     parser.add_argument("--models", help=f"comma-separated presets or checkpoint folders "
@@ -312,6 +313,10 @@ def summarize(result: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv and argv[0] == "large":  # export cost and the runtime on the large presets: bench large --help
+        from .large import main as large_main
+
+        return large_main(argv[1:])
     args = parse_args(argv)
     os.makedirs(args.work_dir, exist_ok=True)
     os.makedirs(args.out, exist_ok=True)

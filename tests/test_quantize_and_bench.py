@@ -159,3 +159,16 @@ def test_failing_rival_is_reported_not_dropped(mt5_checkpoint, tmp_path):
                                "backends": [failed, unprepared]}}}
     text = markdown(report)
     assert "ctranslate2 int8 | failed" in text and "optimum fp32 | failed: ValueError: head dim" in text
+
+
+def test_bench_large_run_on_a_tiny_export(bloom_export, tmp_path):
+    """The large-model runner's plumbing (numbers are the benchmark's business, not the test's)."""
+    from xmtf_onnx.benchmarks.large import main as large_main
+
+    assert large_main(["run", "--exports", str(bloom_export), "--settings", "1x1,2x2", "--new-tokens", "3",
+                       "--out", str(tmp_path), "--no-progress"]) == 0
+    report = json.loads((tmp_path / "large.json").read_text())
+    run = report["runs"][bloom_export.name]
+    assert run["variant"] == "fp32" and run["settings"]["2x2"]["tokens"] == 2 * 3
+    assert run["rss_after_load"]["RssAnon"] > 0 and run["weight_bytes"] > 0
+    assert report["read_bandwidth_bytes_per_second"] > 0

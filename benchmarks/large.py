@@ -1,0 +1,183 @@
+"""The whole family on one machine: export cost per preset, and the runtime on the large exports.
+
+  xmtf-onnx bench large export-cost --presets mt0-xl,bloomz-7b1 [--quantize int4-weight --no-fp32]
+      runs `xmtf-onnx export preset:NAME` for each preset in its own process: wall time and peak RSS
+      (VmHWM of the export process), size on disk, parameters.
+  xmtf-onnx bench large run --exports DIR[,DIR...] [--settings 1x1,8x4]
+      loads each export (its default variant) in its own process: load time, RssAnon / RssFile after load,
+      B=1 greedy and B x beams tokens/s with the generated length forced, peak RSS, the KV cache size, and
+      the memory-bandwidth bound of B=1 (bytes read per token / measured read bandwidth).
+
+Results go to bench-results/large.json and large.md. Random-weight presets: speed depends on shapes only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+
+def _status(pid: int | str = "self") -> dict[str, int]:
+    values = {}
+    with open(f"/proc/{pid}/status", encoding="utf-8") as handle:
+        for line in handle:
+            key, _, rest = line.partition(":")
+            if key in ("VmHWM", "VmRSS", "RssAnon", "RssFile"):
+                values[key] = int(rest.split()[0]) * 1024
+    return values
+
+
+def folder_bytes(folder: str) -> int:
+    return sum(os.path.getsize(os.path.join(root, name)) for root, _, names in os.walk(folder) for name in names)
+
+
+def export_cost(presets: list[str], work: str, extra: list[str], progress: bool) -> list[dict]:
+    """Each export in its own process; its peak RSS is polled from /proc (VmHWM of the exporting process)."""
+    results = []
+    for preset in presets:
+        target = os.path.join(work, preset)
+        command = [sys.executable, "-m", "xmtf_onnx.runtime.cli", "export", f"preset:{preset}", target, "--force",
+                   *extra]
+        print(f"== export {preset}: {' '.join(command[3:])}", file=sys.stderr, flush=True)
+        started = time.perf_counter()
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=None if progress else subprocess.DEVNULL)
+        peak = 0
+        while process.poll() is None:
+            try:
+                peak = max(peak, _status(process.pid).get("VmHWM", 0))
+            except OSError:
+                pass
+            time.sleep(0.5)
+        seconds = time.perf_counter() - started
+        entry = {"preset": preset, "options": extra, "seconds": seconds, "peak_rss_bytes": peak,
+                 "status": "ok" if process.returncode == 0 else f"exit {process.returncode}"}
+        if process.returncode == 0:
+            with open(os.path.join(target, "xmtf_manifest.json"), encoding="utf-8") as handle:
+                manifest = json.load(handle)
+            entry.update(num_parameters=manifest["num_parameters"], size_bytes=folder_bytes(target),
+                         variants=list(manifest["variants"]), validation=manifest["validation"]["mode"])
+        results.append(entry)
+        print(f"   {entry}", file=sys.stderr, flush=True)
+    return results
+
+
+def read_bandwidth(size: int = 1 << 30) -> float:
+    """Bytes per second this process reads from memory (a sum over a 1 GB array, best of 3)."""
+    import numpy as np
+
+    data = np.ones(size // 8, np.float64)
+    best = float("inf")
+    for _ in range(3):
+        began = time.perf_counter()
+        data.sum()
+        best = min(best, time.perf_counter() - began)
+    return size / best
+
+
+def run_one(folder: str, settings: list[tuple[int, int]], new_tokens: int, threads: int | None) -> dict:
+    """Measured in this process (the caller starts one process per export)."""
+    import numpy as np
+
+    from xmtf_onnx.runtime import load
+
+    began = time.perf_counter()
+    model = load(folder, verify=False, threads=threads)
+    loaded = time.perf_counter() - began
+    after_load = _status()
+    manifest = model.manifest
+    entry = model.manifest.variant(model.variant)
+    files = {item["path"]: item["bytes"] for file in entry["files"].values() for item in [file, *file.get("data", [])]}
+    weight_bytes = sum(files.values())  # each file once: a tied head and the embedding share one
+    cache = manifest.cache
+    result = {"folder": folder, "variant": model.variant, "num_parameters": manifest.data["num_parameters"],
+              "load_seconds": loaded, "rss_after_load": after_load, "weight_bytes": weight_bytes, "settings": {}}
+    rng = np.random.default_rng(0)
+    vocab = manifest.tokens["vocab_size"]
+    for batch, beams in settings:
+        rows = [rng.integers(5, vocab, size=24).tolist() for _ in range(batch)]
+        options = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, num_beams=beams, output_scores=False)
+        model.generate(input_ids=rows, **dict(options, max_new_tokens=2, min_new_tokens=2))  # warm-up
+        began = time.perf_counter()
+        output = model.generate(input_ids=rows, **options)
+        seconds = time.perf_counter() - began
+        steps = output.metrics["step_seconds"]
+        tokens = sum(len(s) for s in output.sequences)
+        layers = cache["num_layers"] * (2 if manifest.kind == "seq2seq" else 1)  # mT0: self + cross caches
+        kv_bytes = 2 * layers * batch * beams * cache["num_heads"] * cache["head_dim"] * (24 + new_tokens) * 4
+        result["settings"][f"{batch}x{beams}"] = {
+            "tokens": tokens, "seconds": seconds, "tokens_per_second": tokens / seconds,
+            "first_token_seconds": output.metrics["prefill_seconds"],
+            "step_p50_ms": float(np.percentile(steps, 50) * 1e3) if steps else None,
+            "kv_cache_bytes": kv_bytes}
+    result["peak"] = _status()
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="xmtf-onnx bench large", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    cost = commands.add_parser("export-cost", help="wall time and peak RSS of xmtf-onnx export per preset")
+    cost.add_argument("--presets", required=True, help="comma-separated presets")
+    cost.add_argument("--work-dir", default="bench-results/large")
+    cost.add_argument("--keep", action="store_true", help="keep the exported folders (default: delete each)")
+    cost.add_argument("export_args", nargs=argparse.REMAINDER,
+                      help="options passed to xmtf-onnx export after --, e.g. -- --quantize int4-weight --no-fp32")
+    run = commands.add_parser("run", help="the runtime on exported folders, one process each")
+    run.add_argument("--exports", required=True, help="comma-separated exported folders")
+    run.add_argument("--settings", default="1x1,8x4", help="BATCHxBEAMS list (default 1x1,8x4)")
+    run.add_argument("--new-tokens", type=int, default=32)
+    run.add_argument("--threads", type=int, default=None)
+    run.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure this folder in this process
+    for command in (cost, run):
+        command.add_argument("--out", default="bench-results", help="where large.json goes")
+        command.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    report_path = os.path.join(args.out, "large.json")
+    report = {}
+    if os.path.isfile(report_path):
+        with open(report_path, encoding="utf-8") as handle:
+            report = json.load(handle)
+    from .suite import machine, versions
+
+    report.update(machine=machine(), versions=versions())
+    if args.command == "export-cost":
+        extra = [a for a in args.export_args if a != "--"]
+        results = export_cost(args.presets.split(","), args.work_dir, extra, not args.no_progress)
+        if not args.keep:
+            import shutil
+
+            for preset in args.presets.split(","):
+                shutil.rmtree(os.path.join(args.work_dir, preset), ignore_errors=True)
+        report.setdefault("export_cost", {}).update({f"{r['preset']} {' '.join(extra)}".strip(): r for r in results})
+    else:
+        settings = [tuple(int(v) for v in s.split("x")) for s in args.settings.split(",")]
+        if args.one:
+            print(json.dumps(run_one(args.one, settings, args.new_tokens, args.threads)))
+            return 0
+        report["read_bandwidth_bytes_per_second"] = read_bandwidth()
+        for folder in args.exports.split(","):
+            print(f"== run {folder} ({args.settings})", file=sys.stderr, flush=True)
+            command = [sys.executable, "-m", "xmtf_onnx.benchmarks.large", "run", "--exports", folder, "--one", folder,
+                       "--settings", args.settings, "--new-tokens", str(args.new_tokens), "--out", args.out]
+            if args.threads:
+                command += ["--threads", str(args.threads)]
+            completed = subprocess.run(command, capture_output=True, text=True)
+            lines = [line for line in completed.stdout.splitlines() if line.startswith("{")]
+            result = json.loads(lines[-1]) if lines else {"folder": folder, "status": "failed",
+                                                          "error": completed.stderr.strip()[-600:]}
+            report.setdefault("runs", {})[os.path.basename(os.path.normpath(folder))] = result
+            print(f"   {json.dumps(result)[:600]}", file=sys.stderr, flush=True)
+    with open(report_path, "w", encoding="utf-8") as handle:
+        json.dump(report, handle, indent=2)
+    print(report_path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
