@@ -22,7 +22,7 @@ from .errors import ExportError, ValidationError
 MODES = ("auto", "full", "reduced", "none")
 FULL_UP_TO_PARAMETERS = 3_000_000_000
 PROBE_VOCAB_ROWS = 4096
-PROBE_BUDGET_BYTES = 2 << 30  # fp32 bytes of one probe (torch copy + graph copy ~ twice this in memory)
+PROBE_BUDGET_BYTES = 1 << 30  # fp32 bytes of a probe with two layers per stack; above it, one layer per probe
 
 
 def available_memory() -> int:
@@ -95,8 +95,8 @@ def check_tolerance(diffs: dict[str, dict], tolerance: float, what: str = "") ->
 def validate_full(family, config, weights, folder: str, roles: dict[str, str], fields: dict,
                   tolerance: float) -> dict[str, Any]:
     sessions = validation_sessions(folder, roles)
-    model = torch_model(family, config, weights)
-    diffs = family.validate(model, sessions, fields, np.random.default_rng(0))
+    diffs = family.validate(config, lambda: torch_model(family, config, weights), sessions, fields,
+                            np.random.default_rng(0))
     check_tolerance(diffs, tolerance)
     return {"mode": "full", "performed": True, "tolerance": tolerance,
             "rule": "max_abs_diff <= tolerance * max(1, max_abs_reference)", "outputs": diffs}
@@ -132,9 +132,9 @@ def validate_reduced(family, config, weights, scratch: str, tolerance: float, lo
             save_graph(folder, graph, filename)
         roles = {role: filename for _, filename, role in graphs}
         sessions = validation_sessions(folder, roles)
-        model = torch_model(family, small, view)
-        diffs = family.validate(model, sessions, fields, np.random.default_rng(index))
-        del sessions, model
+        diffs = family.validate(small, lambda: torch_model(family, small, view), sessions, fields,
+                                np.random.default_rng(index))
+        del sessions
         shutil.rmtree(folder, ignore_errors=True)
         check_tolerance(diffs, tolerance, f" of probe {layers}")
         probes.append({"layers": layers, "vocab_rows": small.vocab_size, "outputs": diffs})

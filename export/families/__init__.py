@@ -14,7 +14,8 @@ class Family:
 
     build(config, weight source, store, plan) -> (graphs, manifest fields): graphs are (Graph, filename, role)
         triples, their weights already written to the store's files.
-    validate(torch model, sessions, manifest fields, rng) -> {check name: max abs difference}.
+    validate(config, load_model, sessions, manifest fields, rng) -> {check name: max abs difference}; the
+        transformers model is built by load_model() and dropped before the graphs run.
     parameters(config) -> {weight name: (shape, initial distribution)}: every weight the graphs read.
     truncate(config, select, vocab_rows) -> (smaller config, name map to the full checkpoint, vocabulary tables,
         layers kept): the same architecture with fewer layers and vocabulary rows, for validation in bounded memory.

@@ -116,17 +116,20 @@ def build(config, w: WeightSource, store: Store, plan: WeightPlan) -> tuple[list
     return [(graph, "decoder.onnx", "decoder"), *outputs], fields
 
 
-def validate(model, sessions: dict, fields: dict, rng: np.random.Generator) -> dict[str, dict]:
-    """Logits and presents against PyTorch on a left-padded batch, first step and with past."""
-    config = model.config
+def validate(config, load_model, sessions: dict, fields: dict, rng: np.random.Generator) -> dict[str, dict]:
+    """Logits and presents against PyTorch on a left-padded batch, first step and with past.
+
+    load_model() builds the transformers model; it is dropped before the graphs run (memory holds one copy)."""
     batch, prompt = 3, 6
     input_ids = rng.integers(0, config.vocab_size, size=(batch, prompt + 1), dtype=np.int64)
     attention_mask = np.ones_like(input_ids)
     attention_mask[1, :2] = 0  # left padding
     attention_mask[2, :4] = 0
+    model = load_model()
     with torch.no_grad():
         reference = model(input_ids=torch.from_numpy(input_ids), attention_mask=torch.from_numpy(attention_mask),
                           use_cache=True)
+    del model
     heads, head_dim = fields["cache"]["num_heads"], fields["cache"]["head_dim"]
     empty = np.zeros((batch, heads, 0, head_dim), dtype=np.float32)
     session = sessions["decoder"]

@@ -195,22 +195,25 @@ def self_bias_positions(graph: Graph, past_length: str, new_length: str, total_l
     return graph.op("Sub", [graph.op("Unsqueeze", [query, one]), graph.op("Unsqueeze", [key, zero])])
 
 
-def validate(model, sessions: dict, fields: dict, rng: np.random.Generator) -> dict[str, dict]:
-    """Encoder outputs and decoder logits/presents against PyTorch, first step and with past, padded batch."""
-    config = model.config
+def validate(config, load_model, sessions: dict, fields: dict, rng: np.random.Generator) -> dict[str, dict]:
+    """Encoder outputs and decoder logits/presents against PyTorch, first step and with past, padded batch.
+
+    load_model() builds the transformers model; it is dropped before the graphs run (memory holds one copy)."""
     batch, source = 3, 7
     input_ids = rng.integers(0, config.vocab_size, size=(batch, source), dtype=np.int64)
     attention_mask = np.ones_like(input_ids)
     attention_mask[1, 5:] = 0  # a padded row
     attention_mask[2, 3:] = 0
-    encoder_out = sessions["encoder"].run(None, {"input_ids": input_ids, "attention_mask": attention_mask})
-    names = [o.name for o in sessions["encoder"].get_outputs()]
-    onnx_cross = dict(zip(names, encoder_out))
     decoder_ids = rng.integers(0, config.vocab_size, size=(batch, 4), dtype=np.int64)
     decoder_ids[:, 0] = config.decoder_start_token_id
+    model = load_model()
     with torch.no_grad():
         reference = model(input_ids=torch.from_numpy(input_ids), attention_mask=torch.from_numpy(attention_mask),
                           decoder_input_ids=torch.from_numpy(decoder_ids), use_cache=True)
+    del model
+    encoder_out = sessions["encoder"].run(None, {"input_ids": input_ids, "attention_mask": attention_mask})
+    names = [o.name for o in sessions["encoder"].get_outputs()]
+    onnx_cross = dict(zip(names, encoder_out))
     diffs: dict[str, float] = {}
     cache = reference.past_key_values
     layers = config.num_decoder_layers
