@@ -41,7 +41,7 @@ class GenerationOutput:
 class Model:
     def __init__(self, manifest: Manifest, provider: str = "cpu", threads: int | None = None,
                  variant: str | None = None, session_options: ort.SessionOptions | None = None,
-                 verify: bool = True, greedy_screen: bool = True):
+                 verify: bool = True, greedy_screen: bool = True, prepacked_cache: str | os.PathLike | None = None):
         self.manifest = manifest
         self.kind = manifest.kind
         self.provider = resolve_provider(provider)
@@ -57,7 +57,7 @@ class Model:
         optional = [role for role in OPTIONAL_ROLES if role in entry["files"] and (greedy_screen or role != "screen")]
         roles = [*ROLES[self.kind], *optional]
         self.sessions = {role: make_session(manifest.path(entry["files"][role]["path"]), provider, threads,
-                                            session_options)
+                                            session_options, prepacked_cache)
                          for role in roles}
         self._check_io()
         self.runner = RUNNERS[self.kind](manifest, self.sessions, self.device)
@@ -349,10 +349,13 @@ def _load_tokenizer(manifest: Manifest):
 
 def load(folder: str | os.PathLike, provider: str = "cpu", threads: int | None = None, variant: str | None = None,
          session_options: ort.SessionOptions | None = None, verify: bool = True,
-         greedy_screen: bool = True) -> Model:
+         greedy_screen: bool = True, prepacked_cache: str | os.PathLike | None = None) -> Model:
     """Load an exported folder. provider: 'cpu' or 'cuda'; threads: intra-op threads (None: onnxruntime's
     default); variant: a variant the folder holds (None: the manifest's default_variant, fp32 when the
     folder has it); verify: check every file's sha256;
     greedy_screen: pick greedy tokens through the screen where the variant has one (exact; off: always the
-    full logits, for comparison)."""
-    return Model(read_manifest(folder), provider, threads, variant, session_options, verify, greedy_screen)
+    full logits, for comparison); prepacked_cache: a folder where onnxruntime's packed CPU weights are saved on
+    the first load and memory-mapped on the next ones, instead of packed into a heap copy of the weights (no
+    second copy in RssAnon, shared by processes, faster loads; costs about the variant's size on disk)."""
+    return Model(read_manifest(folder), provider, threads, variant, session_options, verify, greedy_screen,
+                 prepacked_cache)

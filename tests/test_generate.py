@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 
 import numpy as np
@@ -233,3 +234,18 @@ def test_cache_buffers_alternate_and_overflow_falls_back(family):
         hidden = [runner.decode_step(sized, tokens, order), runner.decode_step(unsized, tokens, order)]
         np.testing.assert_allclose(hidden[0], hidden[1], rtol=1e-5, atol=1e-5)
     assert sized.buffers is not None and unsized.buffers is None
+
+
+def test_prepacked_cache_gives_the_same_tokens_and_is_reused(bloom_export, tmp_path):
+    from xmtf_onnx.runtime import load
+
+    rows = [[5, 9, 33, 17], [120, 7]]
+    plain = load(bloom_export).generate(input_ids=rows, max_new_tokens=6, num_beams=2)
+    cache = tmp_path / "packed"
+    first = load(bloom_export, prepacked_cache=cache).generate(input_ids=rows, max_new_tokens=6, num_beams=2)
+    entries = sorted(os.listdir(cache))
+    assert first.sequences == plain.sequences and entries and all(not e.startswith(".") for e in entries)
+    stamps = {e: os.stat(cache / e / "packed.onnx").st_mtime_ns for e in entries}
+    again = load(bloom_export, prepacked_cache=cache).generate(input_ids=rows, max_new_tokens=6, num_beams=2)
+    assert again.sequences == plain.sequences
+    assert {e: os.stat(cache / e / "packed.onnx").st_mtime_ns for e in sorted(os.listdir(cache))} == stamps
