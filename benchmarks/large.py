@@ -8,7 +8,14 @@
       B=1 greedy and B x beams tokens/s with the generated length forced, peak RSS, the KV cache size, and
       the memory-bandwidth bound of B=1 (bytes read per token / measured read bandwidth).
 
-Results go to bench-results/large.json and large.md. Random-weight presets: speed depends on shapes only.
+  xmtf-onnx bench large llama-cpp --checkpoint DIR --llama-cpp DIR [--types q4_0,q8_0]
+      the rival for BLOOM at B=1: converts the same checkpoint with llama.cpp's own convert_hf_to_gguf.py
+      (its pre-tokenizer check is bypassed: a random-weight preset has a word-level tokenizer, and speed does
+      not depend on it), quantizes with llama-quantize --pure (every tensor in the type asked, head included),
+      and runs llama-bench (decode tokens/s, prompt of 24, 32 generated, the same threads). llama.cpp is an
+      optional rival: build it yourself (cmake) and pass its folder; nothing of it ships with xmtf-onnx.
+
+Results go to bench-results/large.json. Random-weight presets: speed depends on shapes only.
 """
 
 from __future__ import annotations
@@ -117,6 +124,63 @@ def run_one(folder: str, settings: list[tuple[int, int]], new_tokens: int, threa
     return result
 
 
+CONVERT_DRIVER = """
+import sys
+sys.path.insert(0, sys.argv[1])
+sys.argv = [sys.argv[1] + "/convert_hf_to_gguf.py"] + sys.argv[2:]
+import convert_hf_to_gguf
+from conversion import base
+base.TextModel.get_vocab_base_pre = lambda self, tokenizer: "default"
+convert_hf_to_gguf.main()
+"""
+
+
+def llama_cpp(checkpoint: str, root: str, types: list[str], work: str, threads: int) -> dict:
+    """Convert, quantize and run llama.cpp on the checkpoint; decode tokens/s and peak RSS per type."""
+    binary = lambda name: os.path.join(root, "build", "bin", name)  # noqa: E731
+    for name in ("llama-quantize", "llama-bench"):
+        if not os.path.isfile(binary(name)):
+            raise SystemExit(f"{binary(name)} is missing: build llama.cpp first (cmake -B build && cmake --build "
+                             f"build --target llama-quantize llama-bench) and pass its folder with --llama-cpp")
+    os.makedirs(work, exist_ok=True)
+    f16 = os.path.join(work, "model-f16.gguf")
+    results: dict = {"checkpoint": checkpoint, "llama_cpp": root}
+    if not os.path.isfile(f16):
+        print(f"== llama.cpp: converting {checkpoint}", file=sys.stderr, flush=True)
+        completed = subprocess.run([sys.executable, "-c", CONVERT_DRIVER, root, checkpoint, "--outtype", "f16",
+                                    "--outfile", f16 + ".partial"], capture_output=True, text=True)
+        if completed.returncode != 0:
+            raise SystemExit(f"convert_hf_to_gguf failed: {completed.stderr[-800:]}")
+        os.rename(f16 + ".partial", f16)
+    for kind in types:
+        target = os.path.join(work, f"model-{kind}.gguf")
+        if not os.path.isfile(target):
+            print(f"== llama.cpp: quantizing to {kind} (--pure)", file=sys.stderr, flush=True)
+            completed = subprocess.run([binary("llama-quantize"), "--pure", f16, target + ".partial", kind.upper(),
+                                        str(threads)], capture_output=True, text=True)
+            if completed.returncode != 0:
+                raise SystemExit(f"llama-quantize failed: {completed.stderr[-800:]}")
+            os.rename(target + ".partial", target)
+        print(f"== llama.cpp: llama-bench {kind}", file=sys.stderr, flush=True)
+        timer = ["/usr/bin/time", "-f", "MAXRSS_KB %M"] if os.path.isfile("/usr/bin/time") else []
+        completed = subprocess.run([*timer, binary("llama-bench"), "-m", target, "-p", "24", "-n", "32", "-t",
+                                    str(threads), "-r", "3", "-o", "json"], capture_output=True, text=True)
+        peak = [int(line.split()[1]) * 1024 for line in completed.stderr.splitlines() if line.startswith("MAXRSS_KB")]
+        if completed.returncode != 0:
+            results[kind] = {"status": "failed", "error": completed.stderr[-600:]}
+            continue
+        rows = json.loads(completed.stdout)
+        decode = next(r for r in rows if r.get("n_gen", 0) > 0)
+        prompt = next((r for r in rows if r.get("n_prompt", 0) > 0 and r.get("n_gen", 0) == 0), None)
+        results[kind] = {"status": "ok", "size_bytes": os.path.getsize(target),
+                         "decode_tokens_per_second": decode["avg_ts"],
+                         "prompt_tokens_per_second": prompt["avg_ts"] if prompt else None,
+                         "peak_rss_bytes": peak[0] if peak else None, "threads": threads,
+                         "build": decode.get("build_commit")}
+        print(f"   {kind}: {results[kind]}", file=sys.stderr, flush=True)
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="xmtf-onnx bench large", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -133,7 +197,13 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--new-tokens", type=int, default=32)
     run.add_argument("--threads", type=int, default=None)
     run.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure this folder in this process
-    for command in (cost, run):
+    rival = commands.add_parser("llama-cpp", help="llama.cpp on the same checkpoint (BLOOM; B=1 decode)")
+    rival.add_argument("--checkpoint", required=True, help="the checkpoint folder (e.g. bench's preset checkpoint)")
+    rival.add_argument("--llama-cpp", required=True, help="a llama.cpp source folder with build/bin built")
+    rival.add_argument("--types", default="q4_0,q8_0")
+    rival.add_argument("--work-dir", default="bench-results/llama-cpp")
+    rival.add_argument("--threads", type=int, default=os.cpu_count())
+    for command in (cost, run, rival):
         command.add_argument("--out", default="bench-results", help="where large.json goes")
         command.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
@@ -155,6 +225,10 @@ def main(argv: list[str] | None = None) -> int:
             for preset in args.presets.split(","):
                 shutil.rmtree(os.path.join(args.work_dir, preset), ignore_errors=True)
         report.setdefault("export_cost", {}).update({f"{r['preset']} {' '.join(extra)}".strip(): r for r in results})
+    elif args.command == "llama-cpp":
+        name = os.path.basename(os.path.normpath(args.checkpoint))
+        report.setdefault("llama_cpp", {})[name] = llama_cpp(args.checkpoint, args.llama_cpp, args.types.split(","),
+                                                             os.path.join(args.work_dir, name), args.threads)
     else:
         settings = [tuple(int(v) for v in s.split("x")) for s in args.settings.split(",")]
         if args.one:
