@@ -119,6 +119,8 @@ def run_one(folder: str, settings: list[tuple[int, int]], new_tokens: int, threa
             "tokens": tokens, "seconds": seconds, "tokens_per_second": tokens / seconds,
             "first_token_seconds": output.metrics["prefill_seconds"],
             "step_p50_ms": float(np.percentile(steps, 50) * 1e3) if steps else None,
+            # decode alone (prefill excluded), as llama-bench's tg figure: returned rows x steps / step time
+            "decode_tokens_per_second": batch * len(steps) / sum(steps) if steps else None,
             "kv_cache_bytes": kv_bytes}
     result["peak"] = _status()
     return result

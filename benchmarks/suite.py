@@ -49,6 +49,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="threads for every backend")
     parser.add_argument("--provider", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--quantize", default="int8", help="xmtf variants to add to each export ('' for none)")
+    parser.add_argument("--no-fp32", action="store_true",
+                        help="quantized only, for the large presets: xmtf exports without the fp32 variant and the "
+                             "rivals convert only their int8 form (CTranslate2 loading the checkpoint in fp16)")
     parser.add_argument("--work-dir", default="bench-results/work", help="checkpoints, exports and conversions")
     parser.add_argument("--out", default="bench-results", help="where results.json/.md and plots go")
     parser.add_argument("--fidelity-prompts", type=int, default=16,
@@ -125,21 +128,25 @@ def preset_parameters(config) -> int:
     return sum(int(np.prod(shape)) for shape, _ in parameters.values())
 
 
-def prepare_rivals(checkpoint: str, work: str, backends: list[str], is_seq2seq: bool) -> dict[str, str | Exception]:
+def prepare_rivals(checkpoint: str, work: str, backends: list[str], is_seq2seq: bool,
+                   quantized_only: bool = False) -> dict[str, str | Exception]:
     """Conversions the rivals need; an exception is kept and reported as that rival's failure."""
     prepared: dict[str, str | Exception] = {}
     if "ctranslate2" in backends:
-        for quantization in ("float32", "int8"):
+        for quantization in ("int8",) if quantized_only else ("float32", "int8"):
             target = os.path.join(work, f"ct2-{quantization}")
             try:
                 if not os.path.isdir(target):
                     import ctranslate2.converters
 
-                    ctranslate2.converters.TransformersConverter(checkpoint).convert(target, quantization=quantization)
+                    # fp16 loading halves the converter's memory (it loads the whole model); int8 is the same
+                    converter = ctranslate2.converters.TransformersConverter(checkpoint,
+                                                                             load_as_float16=quantized_only)
+                    converter.convert(target, quantization=quantization)
                 prepared[f"ct2-{quantization}"] = target
             except Exception as e:
                 prepared[f"ct2-{quantization}"] = e
-    if "optimum" in backends:
+    if "optimum" in backends and not quantized_only:
         target = os.path.join(work, "optimum")
         try:
             if not os.path.isdir(target):
@@ -347,11 +354,11 @@ def main(argv: list[str] | None = None) -> int:
             from xmtf_onnx.export import export
 
             modes = [m for m in args.quantize.split(",") if m]
-            export(checkpoint, export_dir, progress=progress, quantize=modes, force=True)
+            export(checkpoint, export_dir, progress=progress, quantize=modes, force=True, fp32=not args.no_fp32)
 
         manifest = read_manifest(export_dir)
         vocab = manifest.data["tokenizer"]["vocab_size"] if manifest.data.get("tokenizer") else manifest.tokens["vocab_size"]
-        rivals = prepare_rivals(checkpoint, work, args.backends, manifest.kind == "seq2seq")
+        rivals = prepare_rivals(checkpoint, work, args.backends, manifest.kind == "seq2seq", args.no_fp32)
         settings = {}
         for index, setting in enumerate(args.settings):
             batch, beams = map(int, setting.split("x"))
