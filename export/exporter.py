@@ -17,6 +17,7 @@ from xmtf_onnx.runtime.manifest import FORMAT_VERSION, OPTIONAL_ROLES, ROLES, sh
 from .errors import ExportError, ModelLoadError, OutputExistsError
 from .families import family_for_model_type
 from .screen import screen_fields
+from .weights import CountingSource
 
 EXPORTER_VERSION = "0.1.0"
 DEFAULT_TOLERANCE = 1e-3
@@ -184,41 +185,8 @@ def _versions() -> dict[str, str]:
             "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__, "numpy": np.__version__}
 
 
-class ProgressSource:
-    """A weight source that reports how much of the model it has read (export of a 7B model takes minutes)."""
-
-    def __init__(self, source, total_bytes: int, enabled: bool, label: str = ""):
-        self.source, self.total, self.enabled, self.label = source, max(1, total_bytes), enabled, label
-        self.read, self.last = 0, time.perf_counter()
-
-    def __getattr__(self, name):
-        return getattr(self.source, name)
-
-    def __contains__(self, name: str) -> bool:
-        return name in self.source
-
-    def __getitem__(self, name: str):
-        return self.get(name)
-
-    def get(self, name: str):
-        return self._count(self.source.get(name))
-
-    def rows(self, name: str, start: int, stop: int):
-        return self._count(self.source.rows(name, start, stop))
-
-    def chunks(self, name: str, rows_per_chunk: int):
-        total = self.source.shape(name)[0]
-        for start in range(0, total, rows_per_chunk):
-            yield self.rows(name, start, min(total, start + rows_per_chunk))
-
-    def _count(self, array):
-        self.read += array.nbytes
-        now = time.perf_counter()
-        if self.enabled and now - self.last > 10:
-            self.last = now
-            print(f"      {self.label}read {self.read / 1e9:.1f} GB of weights "
-                  f"({min(100, 100 * self.read / self.total):.0f}% of the model)", file=sys.stderr, flush=True)
-        return array
+def _report(text: str) -> None:
+    print(f"      {text}", file=sys.stderr, flush=True)
 
 
 BUILT_MODES = ("int8-dynamic", "int8-weight", "int4-weight")  # written straight from the checkpoint
@@ -288,7 +256,7 @@ def export(source: str, output: str | os.PathLike, force: bool = False, toleranc
         for variant in built:
             plan = WeightPlan(variant, block_size, patterns) if variant != "fp32" else WeightPlan()
             with progress_bar.stage(f"writing the {variant} {family.name} graphs ({family.kind}), weights streamed"):
-                reader = ProgressSource(weights, total_bytes, progress)
+                reader = CountingSource(weights, total_bytes, _report if progress else None)
                 written = _write_variant(family, config, reader, temporary, "" if variant == "fp32" else variant, plan)
             fields, io = written["fields"], io or written["io"]
             variants[variant] = {"quantization": None, "files": written["files"]}
@@ -313,7 +281,7 @@ def export(source: str, output: str | os.PathLike, force: bool = False, toleranc
                 else:
                     scratch = tempfile.mkdtemp(prefix=".validation-", dir=temporary)
                     record = validate_reduced(family, config, weights, scratch, tolerance,
-                                              lambda text: progress and print(text, file=sys.stderr, flush=True))
+                                              _report if progress else (lambda text: None))
                     shutil.rmtree(scratch)
         if checks:
             record["quantized_weights"] = checks

@@ -126,7 +126,7 @@ def validate_reduced(family, config, weights, scratch: str, tolerance: float, lo
         view = TruncatedSource(weights, rename, vocab_names, PROBE_VOCAB_ROWS)
         folder = os.path.join(scratch, f"probe-{index}")
         os.makedirs(folder)
-        log(f"      probe {index}: layers {layers}, first {small.vocab_size} vocabulary rows, full width")
+        log(f"probe {index}: layers {layers}, first {small.vocab_size} vocabulary rows, full width")
         graphs, fields = family.build(small, view, Store(folder), WeightPlan())
         for graph, filename, _ in graphs:
             save_graph(folder, graph, filename)

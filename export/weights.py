@@ -4,8 +4,9 @@ The exporter never holds a model. A family builds its graphs from a config and a
 every weight is read, transformed and written to disk before the next one is read (llama.cpp's
 converter and onnxruntime-genai's SafeTensorStore work the same way). Sources:
 
-  CheckpointSource  a checkpoint folder: safetensors (memory-mapped, parsed here, fp32/fp16/bf16) or
-                    PyTorch .bin shards (torch.load(mmap=True, weights_only=True)), with or without an index
+  CheckpointSource  a checkpoint folder: safetensors (parsed here, tensors and row blocks read with pread,
+                    fp32/fp16/bf16) or PyTorch .bin shards (torch.load(mmap=True, weights_only=True)), with or
+                    without an index
   RandomSource      seeded random weights for the real-architecture presets, generated per tensor and per
                     block of rows, so that any slice is reproducible without the rest
   TruncatedSource   a view with fewer layers and vocabulary rows, for validation that fits in memory
@@ -18,10 +19,10 @@ from __future__ import annotations
 import glob
 import json
 import math
-import mmap
 import os
 import re
 import struct
+import time
 import zlib
 from typing import Callable, Iterator
 
@@ -86,6 +87,35 @@ def rows_per_chunk(width: int, budget_bytes: int = 64 << 20) -> int:
     return max(1, budget_bytes // (4 * max(1, width)))
 
 
+class CountingSource(WeightSource):
+    """Another source, reporting every 10 s how much of the model has been read (a 7B export takes minutes)."""
+
+    def __init__(self, source: WeightSource, total_bytes: int, report: Callable[[str], None] | None):
+        self.source, self.total, self.report = source, max(1, total_bytes), report
+        self.read, self.last = 0, time.perf_counter()
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.source.shape(name)
+
+    def names(self) -> list[str]:
+        return self.source.names()
+
+    def rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        return self._count(self.source.rows(name, start, stop))
+
+    def _scalar(self, name: str) -> np.ndarray:
+        return self._count(self.source.get(name))
+
+    def _count(self, array: np.ndarray) -> np.ndarray:
+        self.read += array.nbytes
+        now = time.perf_counter()
+        if self.report and now - self.last > 10:
+            self.last = now
+            self.report(f"read {self.read / 1e9:.1f} GB of weights ({min(100, 100 * self.read / self.total):.0f}% of "
+                        "the model)")
+        return array
+
+
 class ArraySource(WeightSource):
     """Arrays already in memory, by name (small models built in code, tests)."""
 
@@ -124,7 +154,7 @@ def float32_to_bf16(values: np.ndarray) -> np.ndarray:
 
 
 class _SafetensorsFile:
-    """One .safetensors file, parsed and memory-mapped; tensors are read as slices of the map."""
+    """One .safetensors file: the header parsed and checked against the file's size; tensors read on demand."""
 
     def __init__(self, path: str):
         self.path = path
@@ -152,51 +182,54 @@ class _SafetensorsFile:
         except (OSError, ValueError, KeyError, TypeError, struct.error, json.JSONDecodeError) as e:
             raise CheckpointError(f"{path} is not a readable safetensors file ({type(e).__name__}: {e}); "
                                   "download the checkpoint again.") from e
-        self._map: mmap.mmap | None = None
-
-    def _view(self) -> mmap.mmap:
-        if self._map is None:
-            with open(self.path, "rb") as handle:
-                self._map = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
-        return self._map
 
     def rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Read with pread, not a memory map: a map would keep every page read in this process's RSS."""
         kind, shape, begin = self.tensors[name]
         dtype = np.dtype(_SAFETENSORS_DTYPES[kind])
         row = math.prod(shape[1:]) if shape else 1
         count = (stop - start) * row if shape else 1
-        data = np.frombuffer(self._view(), dtype=dtype, count=count,
-                             offset=self.base + begin + start * row * dtype.itemsize)
+        with open(self.path, "rb") as handle:
+            data = np.fromfile(handle, dtype=dtype, count=count, offset=self.base + begin + start * row * dtype.itemsize)
         data = data.reshape((stop - start, *shape[1:]) if shape else ())
         if kind == "BF16":
             return bf16_to_float32(data)
-        return data.astype(np.float32)  # a copy: nothing keeps the map alive after the read
+        return data.astype(np.float32, copy=False)
 
 
 class _TorchBinFile:
-    """One PyTorch .bin shard, loaded lazily with mmap (weights only): tensors stay on disk until read."""
+    """One PyTorch .bin shard, memory-mapped (weights only): tensors stay on disk until read, and the map is opened
+    per read and dropped after it, so the pages read do not accumulate in this process's RSS."""
 
     def __init__(self, path: str):
         import torch
 
         self.path = path
+        self.mapped = True
         try:
             try:
-                self.state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+                state = self._load()
             except RuntimeError as e:
                 if "mmap" not in str(e):
                     raise
-                self.state = torch.load(path, map_location="cpu", weights_only=True)  # legacy, non-zip format
+                state = torch.load(path, map_location="cpu", weights_only=True)  # legacy, non-zip format: in memory
+                self.mapped = False
         except Exception as e:
             raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({type(e).__name__}: "
                                   f"{str(e).splitlines()[0][:300]}); download the checkpoint again.") from e
-        if not isinstance(self.state, dict):
+        if not isinstance(state, dict):
             raise CheckpointError(f"{path} does not hold a state dict; pass a transformers checkpoint folder.")
-        self.tensors = {name: (str(t.dtype).replace("torch.", ""), tuple(t.shape), 0) for name, t in self.state.items()
+        self.tensors = {name: (str(t.dtype).replace("torch.", ""), tuple(t.shape), 0) for name, t in state.items()
                         if hasattr(t, "shape")}
+        self.state = None if self.mapped else state
+
+    def _load(self) -> dict:
+        import torch
+
+        return torch.load(self.path, map_location="cpu", mmap=True, weights_only=True)
 
     def rows(self, name: str, start: int, stop: int) -> np.ndarray:
-        tensor = self.state[name]
+        tensor = (self.state if self.state is not None else self._load())[name]
         part = tensor[start:stop] if tensor.dim() else tensor
         return part.float().numpy().copy()
 

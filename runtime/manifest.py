@@ -12,7 +12,8 @@ from typing import Any
 from .errors import ManifestError
 
 MANIFEST_NAME = "xmtf_manifest.json"
-FORMAT_VERSION = 2  # 2: the output projection left the decoder (head.onnx, screen.onnx)
+FORMAT_VERSION = 3  # 2: the output projection left the decoder (head.onnx, screen.onnx); 3: default_variant, a
+#                     folder may lack fp32, quantized embeddings (GatherBlockQuantized), DynamicQuantizeMatMul
 KINDS = ("seq2seq", "decoder")
 ROLES = {"seq2seq": ("encoder", "decoder", "head"), "decoder": ("decoder", "head")}
 OPTIONAL_ROLES = ("screen",)  # the greedy screen: only where the head is the fp32 projection it bounds

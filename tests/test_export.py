@@ -28,7 +28,7 @@ def test_manifest_records_the_contract(family):
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(family["checkpoint"])
-    assert manifest["format_version"] == 2
+    assert manifest["format_version"] == 3
     assert manifest["family"] == family["name"]
     cache = manifest["cache"]
     if family["name"] == "mt5":
