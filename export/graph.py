@@ -21,6 +21,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from .weights import ArraySource, rows_per_chunk
+
 OPSET = 17
 MS_DOMAIN = "com.microsoft"
 # Large weights start on a page boundary, so that onnxruntime memory-maps them instead of copying them to
@@ -192,27 +194,29 @@ class Graph:
         else:
             if self.plan.mode != "fp32":
                 self.kept_fp32.append(weight_name)
-            y = self.op("MatMul", [x, self.weight(weight_name, np.ascontiguousarray(weight.T))])
+            key = fp32_columns(self.weights, weight_name, ArraySource({weight_name: weight}), weight_name)
+            y = self.op("MatMul", [x, self.refer(weight_name, self.weights, key)])
         if bias is not None:
             y = self.op("Add", [y, self.weight(weight_name + ".bias", bias)])
         return y
 
     def _quantized_matmul(self, x: str, weight_name: str, weight: np.ndarray) -> str:
+        """Quantized in blocks of rows (memory: the weight and one block), read back and checked as written."""
         out_features, in_features = weight.shape
         self.quantized.append(weight_name)
+        source = ArraySource({weight_name: weight})
         if self.plan.mode == "int8-dynamic":
-            quantized, scales = quantize_per_channel(weight)
-            y = self.op("DynamicQuantizeMatMul", [x, self.weight(weight_name + ".int8", quantized.T),
-                                                  self.weight(weight_name + ".int8.scale", scales)], domain=MS_DOMAIN)
-            check_quantized(self.weights, weight_name, weight, weight_name + ".int8", 0)
-            return y
-        blocks, scales = quantize_blocks(weight, self.plan.bits, self.plan.block_size)
-        y = self.op("MatMulNBits", [x, self.weight(weight_name + ".q", blocks),
-                                    self.weight(weight_name + ".q.scales", scales.reshape(-1))],
-                    domain=MS_DOMAIN, K=in_features, N=out_features, bits=self.plan.bits,
-                    block_size=self.plan.block_size, accuracy_level=4)
-        check_quantized(self.weights, weight_name, weight, weight_name + ".q", 0, self.plan.bits)
-        return y
+            base = int8_columns_table(self.weights, weight_name, source, weight_name)
+            return self.op("DynamicQuantizeMatMul", [x, self.refer(base, self.weights, base),
+                                                     self.refer(base + ".scale", self.weights, base + ".scale")],
+                           domain=MS_DOMAIN)
+        base = block_table(self.weights, weight_name, source, weight_name, self.plan.bits, self.plan.block_size)
+        blocks = self.weights.placements[base + ".scales"].shape[1]
+        return self.op("MatMulNBits", [x, self.refer(base, self.weights, base),
+                                       self.refer(base + ".scales", self.weights, base + ".scales",
+                                                  (out_features * blocks,))],
+                       domain=MS_DOMAIN, K=in_features, N=out_features, bits=self.plan.bits,
+                       block_size=self.plan.block_size, accuracy_level=4)
 
     def split_heads(self, x: str, num_heads: int, head_dim: int) -> str:
         """[batch, seq, heads*d] -> [batch, heads, seq, d]"""
@@ -318,6 +322,72 @@ def check_quantized(weights: WeightFile, name: str, source_rows: np.ndarray, key
     worst = float(ratio.max()) if ratio.size else 0.0
     weights.checks[name] = max(weights.checks.get(name, 0.0), worst)
     return worst
+
+
+# ---- 2-D weights written in blocks of rows: the [V, d] tables, and every MatMul weight ----
+
+def _chunks(source, name: str):
+    return source.chunks(name, rows_per_chunk(source.shape(name)[1]))
+
+
+def fp32_table(weights: WeightFile, key: str, source, name: str) -> str:
+    """The table as fp32 rows under `key` (written once)."""
+    if key not in weights.placements:
+        weights.reserve(key, np.float32, source.shape(name))
+        start = 0
+        for rows in _chunks(source, name):
+            weights.write_rows(key, start, rows)
+            start += len(rows)
+    return key
+
+
+def block_table(weights: WeightFile, key: str, source, name: str, bits: int, block_size: int) -> str:
+    """The table in MatMulNBits' symmetric blocks under key.q{bits}b{block} (+ .scales), written once: the tied
+    head's MatMulNBits and the embedding's GatherBlockQuantized read the same bytes."""
+    base = f"{key}.q{bits}b{block_size}"
+    if base not in weights.placements:
+        vocab, depth = source.shape(name)
+        blocks = -(-depth // block_size)
+        weights.reserve(base, np.uint8, (vocab, blocks, block_size * bits // 8))
+        weights.reserve(base + ".scales", np.float32, (vocab, blocks))
+        start = 0
+        for rows in _chunks(source, name):
+            packed, scales = quantize_blocks(rows, bits, block_size)
+            weights.write_rows(base, start, packed)
+            weights.write_rows(base + ".scales", start, scales)
+            check_quantized(weights, name, rows, base, start, bits)
+            start += len(rows)
+    return base
+
+
+def int8_columns_table(weights: WeightFile, key: str, source, name: str) -> str:
+    """The table transposed to [d, V] int8, one scale per row of the table (DynamicQuantizeMatMul's layout: a
+    MatMul weight [out, in] is stored [in, out])."""
+    base = f"{key}.int8"
+    if base not in weights.placements:
+        vocab, depth = source.shape(name)
+        weights.reserve(base, np.int8, (depth, vocab))
+        weights.reserve(base + ".scale", np.float32, (vocab,))
+        start = 0
+        for rows in _chunks(source, name):
+            quantized, scales = quantize_per_channel(rows)
+            weights.write_columns(base, start, quantized.T)
+            weights.write_rows(base + ".scale", start, scales)
+            check_quantized(weights, name, rows, base, start)
+            start += len(rows)
+    return base
+
+
+def fp32_columns(weights: WeightFile, key: str, source, name: str) -> str:
+    """A MatMul weight [out, in] stored transposed, [in, out] fp32, written a block of rows at a time."""
+    if key not in weights.placements:
+        out_features, in_features = source.shape(name)
+        weights.reserve(key, np.float32, (in_features, out_features))
+        start = 0
+        for rows in _chunks(source, name):
+            weights.write_columns(key, start, rows.T)
+            start += len(rows)
+    return key
 
 
 # ---- writing the graphs ----

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..graph import MS_DOMAIN, Graph, WeightFile, WeightPlan, check_quantized, quantize_blocks, quantize_per_channel
-from ..weights import WeightSource, rows_per_chunk
+from ..graph import MS_DOMAIN, Graph, WeightFile, WeightPlan, block_table, fp32_table, int8_columns_table
+from ..weights import WeightSource
 
 HEAD_WEIGHT = "lm_head"  # the output projection's name for keep-fp32 patterns, tied or not
 
@@ -52,59 +52,6 @@ def compare(onnx_value: np.ndarray, torch_value, where: np.ndarray | None = None
     if not difference.size:
         return {"max_abs_diff": 0.0, "max_abs_reference": 0.0}
     return {"max_abs_diff": float(difference.max()), "max_abs_reference": float(magnitude.max())}
-
-
-# ---- [V, d] tables (embedding, output projection), written in blocks of rows ----
-
-def _chunks(source: WeightSource, name: str):
-    return source.chunks(name, rows_per_chunk(source.shape(name)[1]))
-
-
-def fp32_table(weights: WeightFile, key: str, source: WeightSource, name: str) -> str:
-    """The table as fp32 rows under `key` (written once)."""
-    if key not in weights.placements:
-        weights.reserve(key, np.float32, source.shape(name))
-        start = 0
-        for rows in _chunks(source, name):
-            weights.write_rows(key, start, rows)
-            start += len(rows)
-    return key
-
-
-def block_table(weights: WeightFile, key: str, source: WeightSource, name: str, bits: int, block_size: int) -> str:
-    """The table in MatMulNBits' symmetric blocks under key.q{bits}b{block} (+ .scales), written once: the tied
-    head's MatMulNBits and the embedding's GatherBlockQuantized read the same bytes."""
-    base = f"{key}.q{bits}b{block_size}"
-    if base not in weights.placements:
-        vocab, depth = source.shape(name)
-        blocks = -(-depth // block_size)
-        weights.reserve(base, np.uint8, (vocab, blocks, block_size * bits // 8))
-        weights.reserve(base + ".scales", np.float32, (vocab, blocks))
-        start = 0
-        for rows in _chunks(source, name):
-            packed, scales = quantize_blocks(rows, bits, block_size)
-            weights.write_rows(base, start, packed)
-            weights.write_rows(base + ".scales", start, scales)
-            check_quantized(weights, name, rows, base, start, bits)
-            start += len(rows)
-    return base
-
-
-def int8_columns_table(weights: WeightFile, key: str, source: WeightSource, name: str) -> str:
-    """The table transposed to [d, V] int8, one scale per row of the table (DynamicQuantizeMatMul's layout)."""
-    base = f"{key}.int8"
-    if base not in weights.placements:
-        vocab, depth = source.shape(name)
-        weights.reserve(base, np.int8, (depth, vocab))
-        weights.reserve(base + ".scale", np.float32, (vocab,))
-        start = 0
-        for rows in _chunks(source, name):
-            quantized, scales = quantize_per_channel(rows)
-            weights.write_columns(base, start, quantized.T)
-            weights.write_rows(base + ".scale", start, scales)
-            check_quantized(weights, name, rows, base, start)
-            start += len(rows)
-    return base
 
 
 def embedding(graph: Graph, ids: str, source: WeightSource, name: str, weights: WeightFile, key: str) -> str:
