@@ -212,7 +212,7 @@ def export(source: str, output: str | os.PathLike, force: bool = False, toleranc
     renamed at the end.
     """
     from .graph import WeightPlan
-    from .quantize import DEFAULT_BLOCK_SIZE, DEFAULT_KEEP_FP32, check_options, resolve_mode
+    from .quantize import DEFAULT_BLOCK_SIZE, check_options, default_keep_fp32, resolve_mode
     from .validation import choose_mode, quantized_checks, validate_full, validate_reduced
 
     output = os.path.abspath(os.fspath(output))
@@ -221,7 +221,8 @@ def export(source: str, output: str | os.PathLike, force: bool = False, toleranc
     if not isinstance(tolerance, (int, float)) or not tolerance > 0:
         raise ExportError(f"tolerance must be a positive number, not {tolerance!r}")
     block_size = DEFAULT_BLOCK_SIZE if block_size is None else block_size
-    patterns = check_options(block_size, DEFAULT_KEEP_FP32 if keep_fp32 is None else keep_fp32, None)
+    patterns = None if keep_fp32 is None else check_options(block_size, keep_fp32, None)
+    check_options(block_size, (), None)
     modes = list(dict.fromkeys(resolve_mode(m) for m in quantize))
     if not fp32 and not any(m in BUILT_MODES for m in modes):
         raise ExportError("a folder without the fp32 variant needs a quantized one: add --quantize int4-weight "
@@ -254,7 +255,8 @@ def export(source: str, output: str | os.PathLike, force: bool = False, toleranc
     try:
         variants, fields, checks, io, fp32_roles = {}, {}, {}, {}, {}
         for variant in built:
-            plan = WeightPlan(variant, block_size, patterns) if variant != "fp32" else WeightPlan()
+            kept = default_keep_fp32(variant) if patterns is None and variant != "fp32" else patterns or ()
+            plan = WeightPlan(variant, block_size, kept) if variant != "fp32" else WeightPlan()
             with progress_bar.stage(f"writing the {variant} {family.name} graphs ({family.kind}), weights streamed"):
                 reader = CountingSource(weights, total_bytes, _report if progress else None)
                 written = _write_variant(family, config, reader, temporary, "" if variant == "fp32" else variant, plan)
@@ -309,7 +311,7 @@ def export(source: str, output: str | os.PathLike, force: bool = False, toleranc
                 from .quantize import add_variant
 
                 with progress_bar.stage("deriving the fp16 variant from the fp32 graphs"):
-                    add_variant(temporary, manifest, mode_name, block_size, patterns)
+                    add_variant(temporary, manifest, mode_name, block_size, patterns)  # None: the mode's default
         with progress_bar.stage("writing the manifest"):
             for name, entry in variants.items():
                 roles_built = set(entry["files"]) - set(OPTIONAL_ROLES)

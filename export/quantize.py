@@ -36,9 +36,15 @@ FP32_OPS = ["Add", "Sub", "Mul", "Div", "Pow", "Sqrt", "ReduceMean", "LayerNorma
 ALIASES = {"int8": "int8-dynamic"}
 DEFAULT_BLOCK_SIZE = 32
 # MatMuls whose weight name matches one of these (fnmatch) stay fp32. The output projection is named "lm_head"
-# in every graph (a tied one too, once rewritten to MatMul). Default: mT5's FFN output projection, whose
-# activations are the large ones; on mt0-small int8-dynamic it halves the KL to fp32 at no measurable speed cost.
+# in every graph (a tied one too, once rewritten to MatMul). Default for int8-dynamic and fp16: mT5's FFN output
+# projection, whose activations are the large ones (on mt0-small int8-dynamic it halves the KL to fp32 at no
+# measurable speed cost; in fp16 it overflows). The weight-only modes quantize it too: there it is a sixth of an
+# mT0's weights (2 GB fp32 in mt0-xl, 8 GB in mt0-xxl), which a 4-bit export exists to avoid.
 DEFAULT_KEEP_FP32: tuple[str, ...] = ("*DenseReluDense.wo",)
+
+
+def default_keep_fp32(mode: str) -> tuple[str, ...]:
+    return DEFAULT_KEEP_FP32 if resolve_mode(mode) in ("int8-dynamic", "fp16") else ()
 
 
 def resolve_mode(mode: str) -> str:
@@ -178,13 +184,14 @@ def check_options(block_size: int, keep_fp32, name: str | None) -> tuple[str, ..
 
 
 def add_variant(folder: str, manifest: dict, mode: str, block_size: int = DEFAULT_BLOCK_SIZE,
-                keep_fp32=DEFAULT_KEEP_FP32, name: str | None = None) -> str:
+                keep_fp32=None, name: str | None = None) -> str:
     """Write variant `name` (default: the mode's name) under folder/name/ and add it to `manifest` (the caller
-    writes the manifest). keep_fp32: fnmatch patterns of weight names whose MatMuls stay fp32."""
+    writes the manifest). keep_fp32: fnmatch patterns of weight names whose MatMuls stay fp32 (None: the mode's
+    default, see default_keep_fp32)."""
     import onnxruntime
 
     mode = resolve_mode(mode)
-    patterns = check_options(block_size, keep_fp32, name)
+    patterns = check_options(block_size, default_keep_fp32(mode) if keep_fp32 is None else keep_fp32, name)
     name = name or mode
     partial = tempfile.mkdtemp(prefix=f".{name}.partial-", dir=folder)
     kept: dict[str, list[str]] = {}
@@ -212,7 +219,7 @@ def add_variant(folder: str, manifest: dict, mode: str, block_size: int = DEFAUL
 
 
 def quantize_folder(folder: str, mode: str, force: bool = False, block_size: int = DEFAULT_BLOCK_SIZE,
-                    keep_fp32=DEFAULT_KEEP_FP32, name: str | None = None) -> str:
+                    keep_fp32=None, name: str | None = None) -> str:
     """Add a quantized variant to an existing export; the manifest is replaced atomically."""
     manifest = read_manifest(folder)
     check_options(block_size, keep_fp32, name)

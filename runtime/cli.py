@@ -27,7 +27,7 @@ def _export(args: argparse.Namespace) -> int:
     output = export(args.model, args.output, force=args.force, tolerance=args.tolerance,
                     validate=not args.no_validate, progress=not args.quiet, quantize=args.quantize or (),
                     fp32=not args.no_fp32, validation=args.validation, block_size=args.block_size,
-                    keep_fp32=None if args.keep_fp32 is None else _patterns(args.keep_fp32))
+                    keep_fp32=_patterns(args.keep_fp32))
     print(output)
     return 0
 
@@ -48,10 +48,9 @@ def _quantize(args: argparse.Namespace) -> int:
     return 0
 
 
-def _patterns(text: str | None) -> tuple[str, ...]:
-    from xmtf_onnx.export.quantize import DEFAULT_KEEP_FP32
-
-    return DEFAULT_KEEP_FP32 if text is None else tuple(p for p in text.split(",") if p)
+def _patterns(text: str | None) -> tuple[str, ...] | None:
+    """--keep-fp32: None (not given) means each mode's default."""
+    return None if text is None else tuple(p for p in text.split(",") if p)
 
 
 def _read_prompts(args: argparse.Namespace) -> list[str]:
@@ -153,9 +152,10 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--block-size", type=int, default=None,
                         help="block size of the weight-only modes (MatMulNBits; default 32)")
     export.add_argument("--keep-fp32", default=None, metavar="PATTERNS",
-                        help="comma-separated globs of weight names kept fp32 in quantized variants (default: mT5's "
-                             "'*DenseReluDense.wo'; the output projection is 'lm_head', the embedding 'shared' or "
-                             "'transformer.word_embeddings')")
+                        help="comma-separated globs of weight names kept fp32 in quantized variants ('' for none; "
+                             "default: mT5's '*DenseReluDense.wo' for int8-dynamic and fp16, none for the weight-only "
+                             "modes); the output projection is 'lm_head', the embedding 'shared' or "
+                             "'transformer.word_embeddings'")
     export.add_argument("--validation", default="auto", choices=["auto", "full", "reduced", "none"],
                         help="full: the whole model against transformers (needs ~2.2x the fp32 weights in memory); "
                              "reduced: first and last layers of the real weights, full width, against transformers, "
