@@ -126,6 +126,50 @@ def run_one(folder: str, settings: list[tuple[int, int]], new_tokens: int, threa
     return result
 
 
+def render(report: dict) -> str:
+    """Markdown tables of what the report holds: export cost, the runtime, llama.cpp."""
+    gb = lambda value: f"{value / 1e9:.2f}" if value else "–"  # noqa: E731
+    machine = report.get("machine", {})
+    lines = [f"Machine: {machine.get('cpu')}, {machine.get('cores')} cores; onnxruntime "
+             f"{report.get('versions', {}).get('onnxruntime')}. Random-weight presets."]
+    costs = report.get("export_cost", {})
+    if costs:
+        lines += ["", "| export | parameters | options | wall time | peak RSS GB | folder GB | validation |",
+                  "|---|---|---|---|---|---|---|"]
+        for entry in costs.values():
+            lines.append(f"| {entry['preset']} | {entry.get('num_parameters', 0) / 1e9:.2f}B | "
+                         f"{' '.join(entry['options']) or '(defaults)'} | {entry['seconds'] / 60:.1f} min | "
+                         f"{gb(entry['peak_rss_bytes'])} | {gb(entry.get('size_bytes'))} | "
+                         f"{entry.get('validation', entry['status'])} |")
+    runs = report.get("runs", {})
+    bandwidth = report.get("read_bandwidth_bytes_per_second")
+    if runs:
+        lines += ["", f"Read bandwidth (numpy sum over 1 GB, one thread): {gb(bandwidth)} GB/s.", "",
+                  "| model | variant | weights GB | load s | RssAnon / RssFile after load GB | peak RSS GB | setting | "
+                  "tokens/s | decode tokens/s | bound tokens/s | TTFT s |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for name, run in runs.items():
+            if "settings" not in run:
+                lines.append(f"| {name} | failed: {run.get('error', '')[:120]} |")
+                continue
+            load = run["rss_after_load"]
+            for setting, values in run["settings"].items():
+                bound = bandwidth / run["weight_bytes"] if bandwidth and setting == "1x1" else None
+                lines.append(f"| {name} | {run['variant']} | {gb(run['weight_bytes'])} | {run['load_seconds']:.1f} | "
+                             f"{gb(load['RssAnon'])} / {gb(load['RssFile'])} | {gb(run['peak']['VmHWM'])} | "
+                             f"{setting} | {values['tokens_per_second']:.2f} | "
+                             f"{values.get('decode_tokens_per_second') or 0:.2f} | "
+                             f"{f'{bound:.2f}' if bound else '–'} | {values['first_token_seconds']:.2f} |")
+    for name, result in report.get("llama_cpp", {}).items():
+        lines += ["", f"llama.cpp on {name} (llama-bench, prompt 24, 32 generated):", "",
+                  "| type | size GB | decode tokens/s | prompt tokens/s | peak RSS GB |", "|---|---|---|---|---|"]
+        for kind, values in result.items():
+            if isinstance(values, dict) and values.get("status") == "ok":
+                lines.append(f"| {kind} | {gb(values['size_bytes'])} | {values['decode_tokens_per_second']:.2f} | "
+                             f"{values['prompt_tokens_per_second'] or 0:.2f} | {gb(values['peak_rss_bytes'])} |")
+    return "\n".join(lines) + "\n"
+
+
 CONVERT_DRIVER = """
 import sys
 sys.path.insert(0, sys.argv[1])
@@ -251,6 +295,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"   {json.dumps(result)[:600]}", file=sys.stderr, flush=True)
     with open(report_path, "w", encoding="utf-8") as handle:
         json.dump(report, handle, indent=2)
+    with open(os.path.join(args.out, "large.md"), "w", encoding="utf-8") as handle:
+        handle.write(render(report))
     print(report_path)
     return 0
 

@@ -114,6 +114,8 @@ def prepare_checkpoint(preset: str, folder: str) -> str:
     # Streamed tensor by tensor (no torch model): the large presets fit; bf16 halves the disk of 3B+ models.
     dtype = "float32" if preset_parameters(config) < 2e9 else "bfloat16"
     write_checkpoint(weights, weights.names(), partial, dtype)
+    # Converters (llama.cpp's, CTranslate2's) pick the model class from config.json's architectures.
+    config.architectures = ["MT5ForConditionalGeneration" if config.model_type == "mt5" else "BloomForCausalLM"]
     config.save_pretrained(partial)
     GenerationConfig.from_model_config(config).save_pretrained(partial)
     fast.save_pretrained(partial)
