@@ -222,7 +222,7 @@ def export(source: str, output: str | os.PathLike, force: bool = False, toleranc
         raise ExportError(f"tolerance must be a positive number, not {tolerance!r}")
     block_size = DEFAULT_BLOCK_SIZE if block_size is None else block_size
     patterns = None if keep_fp32 is None else check_options(block_size, keep_fp32, None)
-    check_options(block_size, (), None)
+    check_options(block_size, (), None)  # the block size, when no patterns were given
     modes = list(dict.fromkeys(resolve_mode(m) for m in quantize))
     if not fp32 and not any(m in BUILT_MODES for m in modes):
         raise ExportError("a folder without the fp32 variant needs a quantized one: add --quantize int4-weight "
@@ -265,7 +265,8 @@ def export(source: str, output: str | os.PathLike, force: bool = False, toleranc
             if variant == "fp32":
                 fp32_roles = written["roles"]
             else:
-                variants[variant]["quantization"] = _built_quantization(variant, plan, written["graphs"])
+                variants[variant]["quantization"] = _built_quantization(variant, plan, written["graphs"],
+                                                                        written["roles"])
                 checks[variant] = quantized_checks(written["store"])
         tokenizer = _save_tokenizer(folder, temporary)
         config.to_json_file(os.path.join(temporary, "config.json"))
@@ -347,11 +348,12 @@ def _write_variant(family, config, weights, folder: str, subfolder: str, plan) -
                    for graph, _, role in graphs}}
 
 
-def _built_quantization(mode: str, plan, graphs) -> dict:
+def _built_quantization(mode: str, plan, graphs: list, roles: dict[str, str]) -> dict:
+    """The manifest's quantization record of a variant written by the builder (as add_variant's, plus how)."""
     import onnxruntime
 
     quantized = sorted({name for graph in graphs for name in graph.quantized})
-    kept = sorted({name for graph in graphs for name in graph.kept_fp32})
+    kept = {role: sorted(set(graph.kept_fp32)) for role, graph in zip(roles, graphs) if role not in OPTIONAL_ROLES}
     common = {"mode": mode, "written_from": "the checkpoint, tensor by tensor (no fp32 graphs)",
               "onnxruntime": onnxruntime.__version__,
               "kept_fp32": {"patterns": list(plan.keep_fp32), "weights": kept}, "quantized_weights": len(quantized)}

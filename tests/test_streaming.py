@@ -200,3 +200,24 @@ def test_write_checkpoint_round_trips_through_transformers(tmp_path):
     model = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
     np.testing.assert_array_equal(model.transformer.h[1].mlp.dense_4h_to_h.weight.detach().numpy(),
                                   written.get("transformer.h.1.mlp.dense_4h_to_h.weight"))
+
+
+def test_export_quantize_keeps_what_it_is_told_and_records_it(family, tmp_path):
+    """keep_fp32 at export: the kept MatMuls stay fp32 (a kept head brings its greedy screen); the defaults per mode."""
+    output = export(str(family["checkpoint"]), tmp_path / "out", quantize=["int8", "int4-weight"],
+                    keep_fp32=("lm_head",), progress=False)
+    manifest = read_manifest(output).data
+    for name in ("int8-dynamic", "int4-weight"):
+        variant = manifest["variants"][name]
+        assert variant["quantization"]["kept_fp32"] == {"patterns": ["lm_head"],
+                                                        "weights": {**{r: [] for r in variant["files"]
+                                                                       if r not in ("head", "screen")},
+                                                                    "head": ["lm_head"]}}
+        assert "screen" in variant["files"]
+        assert load(output, variant=name).generate(input_ids=PROMPTS, max_new_tokens=3).sequences
+    defaults = export(str(family["checkpoint"]), tmp_path / "defaults", quantize=["int8", "int4-weight"], fp32=False,
+                      progress=False)
+    variants = read_manifest(defaults).data["variants"]
+    kept = [w for ws in variants["int8-dynamic"]["quantization"]["kept_fp32"]["weights"].values() for w in ws]
+    assert bool(kept) == (family["name"] == "mt5") and all(w.endswith("DenseReluDense.wo") for w in kept)
+    assert not any(variants["int4-weight"]["quantization"]["kept_fp32"]["weights"].values())
