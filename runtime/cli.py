@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 
 from .errors import XmtfError
@@ -218,11 +219,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _terminated(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["bench"]:  # the suite parses its own options (argparse cannot forward leading flags)
         argv = ["bench", "--", *argv[1:]]
     args = build_parser().parse_args(argv)
+    # SIGTERM (a service manager, `kill`, a CI timeout) unwinds like Ctrl-C, so an export in progress removes its
+    # partial folder instead of leaving gigabytes behind.
+    signal.signal(signal.SIGTERM, _terminated)
     try:
         return args.handler(args)
     except XmtfError as e:

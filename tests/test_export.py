@@ -229,3 +229,19 @@ def test_manifest_is_json_with_versions(family):
     data = json.loads((family["export"] / "xmtf_manifest.json").read_text())
     assert {"torch", "transformers", "onnx", "onnxruntime"} <= set(data["versions"])
     assert data["source"]["model"] == str(family["checkpoint"])
+
+
+def test_sigterm_mid_export_leaves_nothing(tmp_path):
+    """A terminated export (service manager, timeout) cleans up like an interrupted one."""
+    import signal
+    import time
+
+    process = subprocess.Popen([sys.executable, "-m", "xmtf_onnx.runtime.cli", "export", "preset:mt0-small",
+                                str(tmp_path / "out")], stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not any(p.startswith(".out.partial") for p in os.listdir(tmp_path)):
+        time.sleep(0.2)
+    assert any(p.startswith(".out.partial") for p in os.listdir(tmp_path)), "the export never started writing"
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=120) == 130
+    assert os.listdir(tmp_path) == []
