@@ -4,6 +4,7 @@ left-padded batches need no position ids."""
 from __future__ import annotations
 
 import copy
+import gc
 
 import numpy as np
 import torch
@@ -130,6 +131,7 @@ def validate(config, load_model, sessions: dict, fields: dict, rng: np.random.Ge
         reference = model(input_ids=torch.from_numpy(input_ids), attention_mask=torch.from_numpy(attention_mask),
                           use_cache=True)
     del model
+    gc.collect()  # transformers modules hold reference cycles: free the weights before the graphs run
     heads, head_dim = fields["cache"]["num_heads"], fields["cache"]["head_dim"]
     empty = np.zeros((batch, heads, 0, head_dim), dtype=np.float32)
     session = sessions["decoder"]

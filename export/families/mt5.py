@@ -4,6 +4,7 @@ request), and a decoder graph with a self-attention KV cache that takes those ke
 from __future__ import annotations
 
 import copy
+import gc
 
 import numpy as np
 import torch
@@ -211,6 +212,7 @@ def validate(config, load_model, sessions: dict, fields: dict, rng: np.random.Ge
         reference = model(input_ids=torch.from_numpy(input_ids), attention_mask=torch.from_numpy(attention_mask),
                           decoder_input_ids=torch.from_numpy(decoder_ids), use_cache=True)
     del model
+    gc.collect()  # transformers modules hold reference cycles: free the weights before the graphs run
     encoder_out = sessions["encoder"].run(None, {"input_ids": input_ids, "attention_mask": attention_mask})
     names = [o.name for o in sessions["encoder"].get_outputs()]
     onnx_cross = dict(zip(names, encoder_out))
