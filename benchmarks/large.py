@@ -90,6 +90,25 @@ def read_bandwidth(size: int = 1 << 30, threads: int | None = None) -> float:
     return size / best
 
 
+def decode_bytes(manifest, variant: str) -> int:
+    """Bytes read per generated token at B=1: the files of the decoder and head graphs, less those the encoder reads
+    too (mT0's shared embedding table: a decode step gathers a few rows of it)."""
+    files = manifest.variant(variant)["files"]
+    paths = lambda role: {item["path"]: item["bytes"] for item in [files[role], *files[role].get("data", [])]}  # noqa: E731
+    encoder = paths("encoder") if "encoder" in files else {}
+    step = {**paths("decoder"), **paths("head")}
+    return sum(size for path, size in step.items() if path not in encoder)
+
+
+def _reset_peak() -> None:
+    """Start VmHWM again from the current RSS (Linux), so that each setting reports its own peak."""
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as handle:
+            handle.write("5")
+    except OSError:
+        pass
+
+
 def run_one(folder: str, settings: list[tuple[int, int]], new_tokens: int, threads: int | None) -> dict:
     """Measured in this process (the caller starts one process per export)."""
     import numpy as np
@@ -106,12 +125,14 @@ def run_one(folder: str, settings: list[tuple[int, int]], new_tokens: int, threa
     weight_bytes = sum(files.values())  # each file once: a tied head and the embedding share one
     cache = manifest.cache
     result = {"folder": folder, "variant": model.variant, "num_parameters": manifest.data["num_parameters"],
-              "load_seconds": loaded, "rss_after_load": after_load, "weight_bytes": weight_bytes, "settings": {}}
+              "load_seconds": loaded, "rss_after_load": after_load, "weight_bytes": weight_bytes,
+              "decode_bytes": decode_bytes(manifest, model.variant), "settings": {}}
     rng = np.random.default_rng(0)
     vocab = manifest.tokens["vocab_size"]
     for batch, beams in settings:
         rows = [rng.integers(5, vocab, size=24).tolist() for _ in range(batch)]
         options = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, num_beams=beams, output_scores=False)
+        _reset_peak()
         model.generate(input_ids=rows, **dict(options, max_new_tokens=2, min_new_tokens=2))  # warm-up
         began = time.perf_counter()
         output = model.generate(input_ids=rows, **options)
@@ -126,7 +147,7 @@ def run_one(folder: str, settings: list[tuple[int, int]], new_tokens: int, threa
             "step_p50_ms": float(np.percentile(steps, 50) * 1e3) if steps else None,
             # decode alone (prefill excluded), as llama-bench's tg figure: returned rows x steps / step time
             "decode_tokens_per_second": batch * len(steps) / sum(steps) if steps else None,
-            "kv_cache_bytes": kv_bytes}
+            "kv_cache_bytes": kv_bytes, "peak_rss_bytes": _status().get("VmHWM")}
     result["peak"] = _status()
     return result
 
@@ -150,7 +171,8 @@ def render(report: dict) -> str:
     bandwidth = report.get("read_bandwidth_bytes_per_second")
     if runs:
         lines += ["", f"Read bandwidth (numpy sums over 1 GB, every core): {gb(bandwidth)} GB/s; the bound is "
-                  "bandwidth / the variant's bytes on disk (every weight is read once per token at B=1).", "",
+                  "bandwidth / the bytes a decode step reads (the decoder and head files; mT0's encoder is not "
+                  "read per token).", "",
                   "| model | variant | weights GB | load s | RssAnon / RssFile after load GB | peak RSS GB | setting | "
                   "tokens/s | decode tokens/s | bound tokens/s | TTFT s |",
                   "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -160,9 +182,11 @@ def render(report: dict) -> str:
                 continue
             load = run["rss_after_load"]
             for setting, values in run["settings"].items():
-                bound = bandwidth / run["weight_bytes"] if bandwidth and setting == "1x1" else None
+                step_bytes = run.get("decode_bytes") or run["weight_bytes"]
+                bound = bandwidth / step_bytes if bandwidth and setting == "1x1" else None
                 lines.append(f"| {name} | {run['variant']} | {gb(run['weight_bytes'])} | {run['load_seconds']:.1f} | "
-                             f"{gb(load['RssAnon'])} / {gb(load['RssFile'])} | {gb(run['peak']['VmHWM'])} | "
+                             f"{gb(load['RssAnon'])} / {gb(load['RssFile'])} | "
+                             f"{gb(values.get('peak_rss_bytes') or run['peak']['VmHWM'])} | "
                              f"{setting} | {values['tokens_per_second']:.2f} | "
                              f"{values.get('decode_tokens_per_second') or 0:.2f} | "
                              f"{f'{bound:.2f}' if bound else '–'} | {values['first_token_seconds']:.2f} |")
