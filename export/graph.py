@@ -11,7 +11,6 @@ weight is stored (fp32, or quantized straight from the checkpoint).
 from __future__ import annotations
 
 import fnmatch
-import hashlib
 import math
 import os
 from dataclasses import dataclass, field
@@ -415,11 +414,3 @@ def save_graph(folder: str, graph: Graph, filename: str) -> None:
 def save_graphs(folder: str, graphs: Iterable[tuple[Graph, str]]) -> None:
     for graph, filename in graphs:
         save_graph(folder, graph, filename)
-
-
-def sha256_file(path: str, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
