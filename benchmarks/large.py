@@ -42,8 +42,9 @@ def folder_bytes(folder: str) -> int:
     return sum(os.path.getsize(os.path.join(root, name)) for root, _, names in os.walk(folder) for name in names)
 
 
-def export_cost(presets: list[str], work: str, extra: list[str], progress: bool) -> list[dict]:
-    """Each export in its own process; its peak RSS is polled from /proc (VmHWM of the exporting process)."""
+def export_cost(presets: list[str], work: str, extra: list[str], progress: bool, keep: bool) -> list[dict]:
+    """Each export in its own process; its peak RSS is polled from /proc (VmHWM of the exporting process). Each
+    folder is deleted once measured unless keep."""
     results = []
     for preset in presets:
         target = os.path.join(work, preset)
@@ -69,6 +70,10 @@ def export_cost(presets: list[str], work: str, extra: list[str], progress: bool)
                          variants=list(manifest["variants"]), validation=manifest["validation"]["mode"])
         results.append(entry)
         print(f"   {entry}", file=sys.stderr, flush=True)
+        if not keep:
+            import shutil
+
+            shutil.rmtree(target, ignore_errors=True)
     return results
 
 
@@ -304,12 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     report.update(machine=machine(), versions=versions())
     if args.command == "export-cost":
         extra = [a for a in args.export_args if a != "--"]
-        results = export_cost(args.presets.split(","), args.work_dir, extra, not args.no_progress)
-        if not args.keep:
-            import shutil
-
-            for preset in args.presets.split(","):
-                shutil.rmtree(os.path.join(args.work_dir, preset), ignore_errors=True)
+        results = export_cost(args.presets.split(","), args.work_dir, extra, not args.no_progress, args.keep)
         report.setdefault("export_cost", {}).update({f"{r['preset']} {' '.join(extra)}".strip(): r for r in results})
     elif args.command == "llama-cpp":
         name = os.path.basename(os.path.normpath(args.checkpoint))
