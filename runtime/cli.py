@@ -13,6 +13,7 @@ EPILOG = """examples:
   xmtf-onnx export preset:mt0-small exported/mt0-small          # real architecture, random weights, offline
   xmtf-onnx export bigscience/mt0-small exported/mt0-small      # from the Hub (needs network)
   xmtf-onnx export ./my-checkpoint exported/mine --quantize int8
+  xmtf-onnx export preset:bloomz-7b1 exported/bloomz-7b1 --quantize int4-weight --no-fp32   # 7B, ~2 GB of RAM
   xmtf-onnx generate exported/mt0-small "Translate to English: Je t'aime."
   xmtf-onnx generate exported/mt0-small --ids 250 3 17 --max-new-tokens 8
   xmtf-onnx bench --quick                                        # the benchmark suite, offline
