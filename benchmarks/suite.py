@@ -98,6 +98,7 @@ def prepare_checkpoint(preset: str, folder: str) -> str:
     from tokenizers import Tokenizer, models
     from transformers import GenerationConfig, PreTrainedTokenizerFast
 
+    from xmtf_onnx.export.families import family_for_model_type, parameter_count
     from xmtf_onnx.export.presets import preset_source
     from xmtf_onnx.export.weights import write_checkpoint
 
@@ -112,7 +113,7 @@ def prepare_checkpoint(preset: str, folder: str) -> str:
     shutil.rmtree(partial, ignore_errors=True)
     os.makedirs(partial)
     # Streamed tensor by tensor (no torch model): the large presets fit; bf16 halves the disk of 3B+ models.
-    dtype = "float32" if preset_parameters(config) < 2e9 else "bfloat16"
+    dtype = "float32" if parameter_count(family_for_model_type(config.model_type), config) < 2e9 else "bfloat16"
     write_checkpoint(weights, weights.names(), partial, dtype)
     # Converters (llama.cpp's, CTranslate2's) pick the model class from config.json's architectures.
     config.architectures = ["MT5ForConditionalGeneration" if config.model_type == "mt5" else "BloomForCausalLM"]
@@ -121,13 +122,6 @@ def prepare_checkpoint(preset: str, folder: str) -> str:
     fast.save_pretrained(partial)
     os.rename(partial, folder)
     return folder
-
-
-def preset_parameters(config) -> int:
-    from xmtf_onnx.export.families import family_for_model_type
-
-    parameters = family_for_model_type(config.model_type).parameters(config)
-    return sum(int(np.prod(shape)) for shape, _ in parameters.values())
 
 
 def prepare_rivals(checkpoint: str, work: str, backends: list[str], is_seq2seq: bool,

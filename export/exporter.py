@@ -15,7 +15,8 @@ import numpy as np
 from xmtf_onnx.runtime.manifest import FORMAT_VERSION, OPTIONAL_ROLES, ROLES, sha256_of, write_manifest
 
 from .errors import ExportError, ModelLoadError, OutputExistsError
-from .families import family_for_model_type
+from .families import family_for_model_type, parameter_count
+from .graph import BUILT_MODES
 from .screen import screen_fields
 from .weights import CountingSource
 
@@ -90,7 +91,7 @@ def _download(model_id: str) -> str:
                              f"{str(e).splitlines()[0][:300]}); download the checkpoint and pass its folder.") from e
 
 
-def _check_weights(family, config, weights) -> dict[str, tuple]:
+def _check_weights(family, config, weights) -> None:
     """Every weight the graphs will read exists with the shape the config implies, before anything is written."""
     from .weights import CheckpointError
 
@@ -103,7 +104,6 @@ def _check_weights(family, config, weights) -> dict[str, tuple]:
         raise CheckpointError(f"the checkpoint does not match its config.json: {'; '.join(problems)}"
                               + (" ..." if len(missing) + len(wrong) > 10 else "")
                               + ". Pass a complete, unmodified checkpoint folder.")
-    return expected
 
 
 def _save_tokenizer(source: str | None, folder: str) -> dict | None:
@@ -189,9 +189,6 @@ def _report(text: str) -> None:
     print(f"      {text}", file=sys.stderr, flush=True)
 
 
-BUILT_MODES = ("int8-dynamic", "int8-weight", "int4-weight")  # written straight from the checkpoint
-
-
 def _estimate_bytes(num_parameters: int, mode: str) -> int:
     return int(num_parameters * {"fp32": 4.3, "int8-dynamic": 1.1, "int8-weight": 1.2, "int4-weight": 0.7,
                                  "fp16": 2.2}[mode])
@@ -238,8 +235,8 @@ def export(source: str, output: str | os.PathLike, force: bool = False, toleranc
     with progress_bar.stage(f"reading the config of {source}"):
         config, weights, source_fields, folder = _resolve_source(source)
         family = family_for_model_type(config.model_type)
-        expected = _check_weights(family, config, weights)
-        num_parameters = int(sum(int(np.prod(shape)) for shape, _ in expected.values()))
+        _check_weights(family, config, weights)
+        num_parameters = parameter_count(family, config)
         mode = choose_mode(validation, num_parameters)
         generation = _generation_config(config, folder)
     created_parent = _make_parent(parent)

@@ -40,7 +40,8 @@ DTYPES = {
     np.dtype(np.bool_): TensorProto.BOOL,
 }
 
-WEIGHT_MODES = ("fp32", "int8-dynamic", "int8-weight", "int4-weight")
+# The quantized modes the builder writes straight from the checkpoint (fp16 is derived from the fp32 graphs).
+BUILT_MODES = ("int8-dynamic", "int8-weight", "int4-weight")
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from .errors import ExportError, ValidationError
+from .families import parameter_count
 
 MODES = ("auto", "full", "reduced", "none")
 FULL_UP_TO_PARAMETERS = 3_000_000_000
@@ -106,7 +107,7 @@ def _probe_layers(family, config) -> list:
     """Layer selections: first and last together when that fits the budget, else each alone."""
     def size(select) -> int:
         small = family.truncate(config, select, PROBE_VOCAB_ROWS)[0]
-        return 4 * sum(int(np.prod(shape)) for shape, _ in family.parameters(small).values())
+        return 4 * parameter_count(family, small)
 
     first_and_last = lambda count: sorted({0, count - 1})  # noqa: E731
     if size(first_and_last) <= PROBE_BUDGET_BYTES:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -47,6 +48,11 @@ def family_for_model_type(model_type: str) -> Family:
         f"model_type {model_type!r} is not supported; xmtf-onnx exports {', '.join(supported)} "
         "(mT0 is mt5, BLOOMZ is bloom)."
     )
+
+
+def parameter_count(family: Family, config) -> int:
+    """How many weights the family's graphs read for this config (a tied head counted once)."""
+    return sum(math.prod(shape) for shape, _ in family.parameters(config).values())
 
 
 # Importing the modules registers them.
