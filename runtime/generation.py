@@ -51,7 +51,7 @@ class StepTimer:
     prefill_seconds: float = 0.0
     step_seconds: list[float] = field(default_factory=list)
     screened_rows: int = 0  # greedy rows whose token the screen certified
-    full_rows: int = 0  # greedy rows that needed the full logits (the screen could not certify, or is off)
+    full_rows: int = 0  # rows whose step ran the full head (no screen, scores asked for, sampling, or not certified)
 
     def record(self, step: int, seconds: float) -> None:
         """Step 0 is the prefill (time to the first token); the others are per-token steps."""
@@ -242,6 +242,7 @@ def sample_tokens(runner, state, config: GenerationConfig, stop_check: Callable 
         if lean:
             tokens = greedy_tokens(runner, hidden, history, generated, config, timer)
         else:
+            timer.full_rows += rows
             scores = process(runner.logits(hidden), history, generated, config)  # the step's own buffer
             if config.do_sample:
                 scores = warp(scores, config)
@@ -310,6 +311,7 @@ def run_beam_search(runner, state, config: GenerationConfig, stop_check, timer: 
     cur_len = prompt_length
     while True:
         history = running_sequences[:, :, :cur_len].reshape(rows, cur_len)
+        timer.full_rows += rows
         log_probs = log_softmax_inplace(np.asarray(logits, dtype=np.float32))  # [rows, vocab], the step's own buffer
         log_probs = process(log_probs, history, cur_len - prompt_length, config)
         vocab = log_probs.shape[-1]

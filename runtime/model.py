@@ -24,7 +24,7 @@ OPTION_NAMES = ("max_new_tokens", "min_new_tokens", "eos_token_id", "pad_token_i
 LIBRARY_DEFAULTS = {"max_new_tokens": 20, "min_new_tokens": 0, "stop_strings": (), "num_beams": 1,
                     "length_penalty": 1.0, "early_stopping": False, "num_return_sequences": 1,
                     "no_repeat_ngram_size": 0, "repetition_penalty": 1.0, "do_sample": False, "temperature": 1.0,
-                    "top_k": 50, "top_p": 1.0, "seed": None, "output_scores": True}
+                    "top_k": 50, "top_p": 1.0, "seed": None, "output_scores": False}
 
 
 @dataclass
@@ -32,7 +32,7 @@ class GenerationOutput:
     """Returned sequences in input order, then num_return_sequences per input."""
 
     sequences: list[list[int]]  # generated ids only: no prompt, no start token, no padding; eos kept
-    scores: list[float]  # beam score (length-penalised) or summed log-probability
+    scores: list[float] | None  # beam score (length-penalised), or the summed log-probability when output_scores
     texts: list[str] | None  # None when the export has no tokenizer
     token_scores: list[list[float]] | None = None  # per generated token log-probability (output_scores)
     metrics: dict[str, Any] = field(default_factory=dict)  # prefill and per-step seconds
@@ -157,8 +157,9 @@ class Model:
         config = self._config(options)
         if config.max_new_tokens == 0:
             count = len(rows) * config.num_return_sequences
-            return GenerationOutput([[] for _ in range(count)], [0.0] * count,
-                                    [""] * count if self.tokenizer else None)
+            return GenerationOutput([[] for _ in range(count)], [0.0] * count if _scored(config) else None,
+                                    [""] * count if self.tokenizer else None,
+                                    [[] for _ in range(count)] if config.output_scores else None)
         expand = config.num_beams if config.num_beams > 1 else config.num_return_sequences
         ids, mask = self._batch(rows, config.pad_token_id)
         state = self.runner.begin(ids, mask, expand, config.max_new_tokens)
@@ -257,9 +258,15 @@ class Model:
         sequences = [h.tokens for h in hypotheses]
         texts = [self.decode(s) for s in sequences] if self.tokenizer is not None else None
         token_scores = [h.token_scores for h in hypotheses] if config.output_scores else None
+        scores = [h.score for h in hypotheses] if _scored(config) else None
         metrics = {"prefill_seconds": timer.prefill_seconds, "step_seconds": timer.step_seconds,
                    "screened_rows": timer.screened_rows, "full_rows": timer.full_rows}
-        return GenerationOutput(sequences, [h.score for h in hypotheses], texts, token_scores, metrics)
+        return GenerationOutput(sequences, scores, texts, token_scores, metrics)
+
+
+def _scored(config: GenerationConfig) -> bool:
+    """Beam search always ranks by its scores; greedy and sampling compute them only when asked (as transformers)."""
+    return config.num_beams > 1 or config.output_scores
 
 
 def _validated_config(values: dict[str, Any], tokens: dict[str, Any], vocab_size: int,

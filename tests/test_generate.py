@@ -79,7 +79,7 @@ def test_batched_generate_equals_transformers(family, options):
     eos = _eos_ids(family, model, rows)
     pad = model.tokens["pad_token_id"]
     expected, expected_scores = transformers_generate(reference, rows, model.kind, eos, pad, **options)
-    output = model.generate(input_ids=rows, eos_token_id=eos, **options)
+    output = model.generate(input_ids=rows, eos_token_id=eos, output_scores=True, **options)
     assert output.sequences == expected
     if set(options) <= {"max_new_tokens", "num_beams", "num_return_sequences", "length_penalty"}:
         assert any(s and s[-1] in eos for s in output.sequences), "the eos ids never ended a sequence"
@@ -165,9 +165,27 @@ def test_zero_new_tokens_and_output_scores(family):
     model = load(family["export"])
     rows = _prompts(family, model, 2)
     assert model.generate(input_ids=rows, max_new_tokens=0).sequences == [[], []]
-    output = model.generate(input_ids=rows, max_new_tokens=5, num_beams=2)
+    output = model.generate(input_ids=rows, max_new_tokens=5, num_beams=2, output_scores=True)
     assert all(len(t) == len(s) for t, s in zip(output.token_scores, output.sequences))
     assert output.metrics["prefill_seconds"] > 0
+
+
+def test_scores_only_when_asked_and_the_default_takes_the_screen(family):
+    """As transformers: greedy computes no scores unless output_scores=True, so it can take the greedy screen;
+    beam search always returns its beam scores; full_rows counts every row that ran the full head."""
+    model = load(family["export"])
+    rows = _prompts(family, model, 2)
+    steps = dict(max_new_tokens=5, min_new_tokens=5)
+    default = model.generate(input_ids=rows, **steps)
+    assert default.scores is None and default.token_scores is None
+    assert default.metrics["screened_rows"] + default.metrics["full_rows"] == 2 * 5
+    assert default.metrics["screened_rows"] > 0
+    scored = model.generate(input_ids=rows, output_scores=True, **steps)
+    assert scored.sequences == default.sequences
+    assert len(scored.scores) == 2 and all(len(t) == 5 for t in scored.token_scores)
+    assert scored.metrics == {**scored.metrics, "screened_rows": 0, "full_rows": 2 * 5}
+    beams = model.generate(input_ids=rows, num_beams=2, **steps)
+    assert len(beams.scores) == 2 and beams.token_scores is None and beams.metrics["full_rows"] > 0
 
 
 @pytest.mark.parametrize("seed", range(4))
