@@ -209,7 +209,7 @@ def export(source: str, output: str | os.PathLike, force: bool = False, toleranc
     renamed at the end.
     """
     from .graph import WeightPlan
-    from .quantize import DEFAULT_BLOCK_SIZE, check_options, default_keep_fp32, resolve_mode
+    from .quantize import DEFAULT_BLOCK_SIZE, check_options, default_keep_fp32, record_aliases, resolve_mode
     from .validation import choose_mode, quantized_checks, validate_full, validate_reduced
 
     output = os.path.abspath(os.fspath(output))
@@ -311,6 +311,7 @@ def export(source: str, output: str | os.PathLike, force: bool = False, toleranc
                 with progress_bar.stage("deriving the fp16 variant from the fp32 graphs"):
                     add_variant(temporary, manifest, mode_name, block_size, patterns)  # None: the mode's default
         with progress_bar.stage("writing the manifest"):
+            record_aliases(manifest)
             for name, entry in variants.items():
                 roles_built = set(entry["files"]) - set(OPTIONAL_ROLES)
                 if roles_built != set(ROLES[family.kind]):

@@ -215,7 +215,16 @@ def add_variant(folder: str, manifest: dict, mode: str, block_size: int = DEFAUL
         files["screen"] = fp32_files["screen"]  # the head is still the fp32 projection the screen bounds
     details.update(onnxruntime=onnxruntime.__version__, mode=mode, kept_fp32={"patterns": list(patterns), "weights": kept})
     manifest["variants"][name] = {"quantization": details, "files": files}
+    record_aliases(manifest)
     return name
+
+
+def record_aliases(manifest: dict) -> None:
+    """The manifest's `aliases`: a mode alias (int8) loads the variant it resolved to, so the name a user typed at
+    export or quantize time is the name that loads."""
+    aliases = {alias: mode for alias, mode in ALIASES.items() if mode in manifest["variants"]}
+    if aliases:
+        manifest["aliases"] = aliases
 
 
 def quantize_folder(folder: str, mode: str, force: bool = False, block_size: int = DEFAULT_BLOCK_SIZE,

@@ -30,8 +30,18 @@ def _export(args: argparse.Namespace) -> int:
                     validate=not args.no_validate, progress=not args.quiet, quantize=args.quantize or (),
                     fp32=not args.no_fp32, validation=args.validation, block_size=args.block_size,
                     keep_fp32=_patterns(args.keep_fp32))
-    print(output)
+    print(f"{output}: {_variants(output)}")
     return 0
+
+
+def _variants(folder: str) -> str:
+    """What load(folder, variant=...) accepts, and which one load(folder) takes."""
+    from .manifest import read_manifest
+
+    manifest = read_manifest(folder)
+    aliases = {v: a for a, v in manifest.data.get("aliases", {}).items()}
+    names = [f"{n} (also loads as {aliases[n]})" if n in aliases else n for n in manifest.variants]
+    return f"variants {', '.join(names)}; load() takes {manifest.default_variant} by default"
 
 
 def _quantize(args: argparse.Namespace) -> int:
@@ -46,7 +56,7 @@ def _quantize(args: argparse.Namespace) -> int:
     for mode in args.mode:
         name = quantize_folder(args.folder, mode, force=args.force, block_size=args.block_size,
                                keep_fp32=_patterns(args.keep_fp32), name=args.name)
-        print(f"{args.folder}: added variant {name}")
+        print(f"{args.folder}: added variant {name}; {_variants(args.folder)}")
     return 0
 
 

@@ -54,13 +54,19 @@ class Manifest:
         """The variant load() takes when none is named: recorded at export (a quantized-only folder has no fp32)."""
         return self.data.get("default_variant", "fp32")
 
+    def variant_name(self, name: str) -> str:
+        """The variant a name loads: its own, or the one a mode alias resolved to at export (int8 -> int8-dynamic)."""
+        if name in self.variants:
+            return name
+        alias = self.data.get("aliases", {}).get(name)
+        if alias in self.variants:
+            return alias
+        known = ", ".join([*self.variants, *(f"{a} (= {v})" for a, v in self.data.get("aliases", {}).items())])
+        raise ManifestError(f"{self.folder} has no variant {name!r}; it has {known}. "
+                            f"Add one with `xmtf-onnx quantize {self.folder} --mode MODE`.")
+
     def variant(self, name: str) -> dict[str, Any]:
-        if name not in self.variants:
-            raise ManifestError(
-                f"{self.folder} has no variant {name!r}; it has {', '.join(self.variants)}. "
-                f"Add one with `xmtf-onnx quantize {self.folder} --mode MODE`."
-            )
-        return self.variants[name]
+        return self.variants[self.variant_name(name)]
 
     def path(self, relative: str) -> str:
         return os.path.join(self.folder, relative)

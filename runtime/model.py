@@ -46,7 +46,7 @@ class Model:
         self.kind = manifest.kind
         self.provider = resolve_provider(provider)
         self.device = "cuda" if self.provider == "CUDAExecutionProvider" else "cpu"
-        variant = manifest.default_variant if variant is None else variant
+        variant = manifest.variant_name(manifest.default_variant if variant is None else variant)
         self.variant = variant
         entry = manifest.variant(variant)
         manifest.verify_files(variant, check_hashes=verify)

@@ -14,7 +14,7 @@ import torch
 from xmtf_onnx.export import ModelLoadError, export
 from xmtf_onnx.export.weights import (CheckpointError, CheckpointSource, RandomSource, bf16_to_float32,
                                       float32_to_bf16, write_checkpoint)
-from xmtf_onnx.runtime import load
+from xmtf_onnx.runtime import ManifestError, load
 from xmtf_onnx.runtime.manifest import read_manifest
 
 PROMPTS = [[5, 9, 33, 17, 80, 41], [120, 7, 64]]
@@ -221,3 +221,15 @@ def test_export_quantize_keeps_what_it_is_told_and_records_it(family, tmp_path):
     kept = [w for ws in variants["int8-dynamic"]["quantization"]["kept_fp32"]["weights"].values() for w in ws]
     assert bool(kept) == (family["name"] == "mt5") and all(w.endswith("DenseReluDense.wo") for w in kept)
     assert not any(variants["int4-weight"]["quantization"]["kept_fp32"]["weights"].values())
+
+
+def test_the_name_typed_at_export_loads(family, tmp_path):
+    """--quantize int8 writes int8-dynamic; `int8` loads it too, and load() takes a quantized-only folder's own."""
+    output = export(str(family["checkpoint"]), tmp_path / "out", quantize=["int8"], fp32=False, progress=False)
+    assert read_manifest(output).data["aliases"] == {"int8": "int8-dynamic"}
+    by_alias, by_default = load(output, variant="int8"), load(output)
+    assert by_alias.variant == by_default.variant == "int8-dynamic"
+    assert (by_alias.generate(input_ids=PROMPTS, max_new_tokens=3).sequences
+            == by_default.generate(input_ids=PROMPTS, max_new_tokens=3).sequences)
+    with pytest.raises(ManifestError, match=r"no variant 'int4-weight'; it has int8-dynamic, int8 \(= int8-dynamic\)"):
+        load(output, variant="int4-weight")
