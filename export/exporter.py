@@ -170,8 +170,11 @@ def file_entry(folder: str, filename: str) -> dict[str, Any]:
     base = os.path.dirname(filename)
     data_files = sorted({os.path.join(base, entry.value) for tensor in model.graph.initializer
                          for entry in tensor.external_data if entry.key == "location"})
-    describe = lambda name: {"path": name, "bytes": os.path.getsize(os.path.join(folder, name)),  # noqa: E731
-                             "sha256": sha256_of(os.path.join(folder, name))}
+    def describe(name: str) -> dict[str, Any]:
+        path = os.path.join(folder, name)
+        os.chmod(path, 0o644)  # some writers (onnxruntime's quantizers) leave 0600: unreadable to a service's user
+        return {"path": name, "bytes": os.path.getsize(path), "sha256": sha256_of(path)}
+
     return dict(describe(filename), data=[describe(name) for name in data_files])
 
 

@@ -194,6 +194,7 @@ def add_variant(folder: str, manifest: dict, mode: str, block_size: int = DEFAUL
     patterns = check_options(block_size, default_keep_fp32(mode) if keep_fp32 is None else keep_fp32, name)
     name = name or mode
     partial = tempfile.mkdtemp(prefix=f".{name}.partial-", dir=folder)
+    os.chmod(partial, 0o755)  # mkdtemp's 0700 would hide the variant from a service running as another user
     kept: dict[str, list[str]] = {}
     try:
         details: dict = {}

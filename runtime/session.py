@@ -63,6 +63,7 @@ def prepacked_graph(path: str, cache: str) -> str:
         return graph
     os.makedirs(cache, exist_ok=True)
     partial = tempfile.mkdtemp(prefix=".packing-", dir=cache)
+    os.chmod(partial, 0o755)  # readable by the other users a shared cache serves, as the export itself
     try:
         options = default_options()
         options.optimized_model_filepath = os.path.join(partial, "packed.onnx")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import json
 import shutil
 
@@ -99,6 +100,14 @@ def test_bad_quantize_options_are_typed_errors_and_write_nothing(quantized, opti
     with pytest.raises(ExportError, match=message):
         quantize_folder(str(folder), "int8-weight", force=True, **options)
     assert (sorted(p.name for p in folder.iterdir()), (folder / "xmtf_manifest.json").read_text()) == before
+
+
+def test_everything_exported_is_readable_by_other_users(quantized):
+    """Folders 0755 and files 0644 (not mkdtemp's 0700 / 0600): a service running as another user can load them."""
+    for root, folders, files in [w for folder in quantized.values() for w in os.walk(folder)]:
+        assert oct(os.stat(root).st_mode & 0o777) == oct(0o755), root
+        for name in files:
+            assert oct(os.stat(os.path.join(root, name)).st_mode & 0o777) == oct(0o644), os.path.join(root, name)
 
 
 def test_quantize_refuses_existing_variant_and_unknown_mode(quantized):
