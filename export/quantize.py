@@ -10,6 +10,7 @@ Modes:
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import json
 import os
@@ -122,6 +123,24 @@ def _drop_fp16_round_trips(model: onnx.ModelProto) -> None:
             graph.node.remove(node)
 
 
+@contextlib.contextmanager
+def _without_preprocessing_advice():
+    """quantize_dynamic logs "Please consider to run pre-processing" on the root logger for every graph. That
+    pre-processing (shape inference, fusions) serves static quantization's calibration; weight-only and dynamic
+    MatMul quantization of our graphs do not use it, so the advice is noise to a user."""
+    import logging
+
+    def advice(record: logging.LogRecord) -> bool:
+        return "pre-processing before quantization" not in record.getMessage()
+
+    root = logging.getLogger()
+    root.addFilter(advice)
+    try:
+        yield
+    finally:
+        root.removeFilter(advice)
+
+
 def _quantize_graph(source: str, target: str, mode: str, block_size: int,
                     keep_fp32: tuple[str, ...]) -> tuple[dict, list[str]]:
     """Write the variant of one graph -> (quantization details, the weights kept fp32)."""
@@ -153,9 +172,10 @@ def _quantize_graph(source: str, target: str, mode: str, block_size: int,
     if mode == "int8-dynamic":
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
-        quantize_dynamic(model, target, weight_type=QuantType.QInt8, per_channel=True, op_types_to_quantize=["MatMul"],
-                         nodes_to_exclude=excluded, use_external_data_format=True,
-                         extra_options={"MatMulConstBOnly": True, "DefaultTensorType": onnx.TensorProto.FLOAT})
+        with _without_preprocessing_advice():
+            quantize_dynamic(model, target, weight_type=QuantType.QInt8, per_channel=True,
+                             op_types_to_quantize=["MatMul"], nodes_to_exclude=excluded, use_external_data_format=True,
+                             extra_options={"MatMulConstBOnly": True, "DefaultTensorType": onnx.TensorProto.FLOAT})
         return {"method": "dynamic", "weight_type": "int8", "per_channel": True, "ops": ["MatMul"],
                 "activations": "uint8, quantized per call (DynamicQuantizeLinear)", "providers": ["cpu"]}, kept
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer

@@ -117,7 +117,38 @@ def read_manifest(folder: str | os.PathLike) -> Manifest:
         raise ManifestError(f"{path} lacks {', '.join(missing)}; export the model again.")
     if data["kind"] not in KINDS:
         raise ManifestError(f"{path} has kind {data['kind']!r}; this runtime runs {', '.join(KINDS)}.")
+    _check_paths(folder, path, data)
     return Manifest(folder, data)
+
+
+def _listed_paths(data: dict[str, Any]) -> list[Any]:
+    """Every file path the manifest names: graphs and their data files per variant, and the tokenizer."""
+    paths = []
+    variants = data["variants"] if isinstance(data["variants"], dict) else {}
+    for entry in variants.values():
+        for item in (entry.get("files") or {}).values() if isinstance(entry, dict) else ():
+            if isinstance(item, dict):
+                paths += [item.get("path"), *(d.get("path") for d in item.get("data", []) if isinstance(d, dict))]
+    if isinstance(data.get("tokenizer"), dict):
+        paths.append(data["tokenizer"].get("file"))
+    return paths
+
+
+def _check_paths(folder: str, manifest_path: str, data: dict[str, Any]) -> None:
+    """An exported folder may come from someone else: refuse, before anything is read, a path that leaves it
+    (absolute, `..`, or a symlink resolving outside). onnxruntime checks the graphs' own external-data paths."""
+    root = os.path.realpath(folder)
+    escaping = []
+    for relative in _listed_paths(data):
+        if not isinstance(relative, str) or not relative:
+            escaping.append(repr(relative))
+            continue
+        resolved = os.path.realpath(os.path.join(root, relative))
+        if os.path.isabs(relative) or os.path.commonpath([root, resolved]) != root:
+            escaping.append(relative)
+    if escaping:
+        raise ManifestError(f"{manifest_path} names files outside {folder} ({', '.join(escaping)}); an exported "
+                            "folder only refers to files inside it. Do not load it; export the model again.")
 
 
 def write_manifest(folder: str, data: dict[str, Any]) -> None:

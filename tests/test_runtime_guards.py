@@ -124,6 +124,39 @@ def test_manifest_checked_against_sessions(copy_of):
     assert "head_dim=9" in str(raised.value) and "present_key.99" in str(raised.value)
 
 
+@pytest.mark.parametrize("where", ["absolute", "parent", "symlink"])
+def test_paths_leaving_the_folder_are_refused_before_reading(copy_of, where):
+    """A folder may come from someone else: a manifest path that leaves it is refused before any file is read."""
+    outside = copy_of.parent / "outside"
+    outside.mkdir()
+    shutil.copy(copy_of / "decoder.onnx.data", outside / "decoder.onnx.data")
+    if where == "symlink":
+        (copy_of / "decoder.onnx.data").unlink()
+        (copy_of / "decoder.onnx.data").symlink_to(outside / "decoder.onnx.data")
+        named = "decoder.onnx.data"
+    else:
+        named = str(outside / "never-read.onnx") if where == "absolute" else "../outside/never-read.onnx"
+        _edit_manifest(copy_of, lambda d: d["variants"]["fp32"]["files"]["decoder"].update(path=named))
+    with pytest.raises(ManifestError, match=f"names files outside .*{named}.*Do not load it"):
+        load(copy_of)
+
+
+def test_graph_data_leaving_the_folder_is_refused(copy_of):
+    """onnxruntime refuses a graph whose external data leaves the folder; the runtime says so as a ManifestError."""
+    import onnx
+
+    graph = onnx.load(str(copy_of / "head.onnx"), load_external_data=False)
+    for tensor in graph.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = "../outside.data"
+    onnx.save(graph, str(copy_of / "head.onnx"))
+    _edit_manifest(copy_of, lambda d: d["variants"]["fp32"]["files"]["head"].update(
+        bytes=(copy_of / "head.onnx").stat().st_size))
+    with pytest.raises(ManifestError, match="escapes model directory"):
+        load(copy_of, verify=False)
+
+
 def test_not_an_export(tmp_path):
     with pytest.raises(ManifestError, match="xmtf-onnx export"):
         load(tmp_path)
