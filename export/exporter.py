@@ -64,17 +64,38 @@ def _resolve_source(source: str):
     looks_local = os.path.isabs(source) or source.startswith((".", "~")) or source.count("/") > 1
     if looks_local and not os.path.isdir(source):
         raise ModelLoadError(f"{source} does not exist; pass a checkpoint folder, a model id or preset:NAME.")
+    offline = not os.path.isdir(source) and not _hub_reachable()
     try:
-        config = AutoConfig.from_pretrained(source)
+        config = AutoConfig.from_pretrained(source, local_files_only=offline)
     except Exception as e:
+        reason = ("the Hugging Face Hub is not reachable from here (offline, or HF_HUB_OFFLINE is set) and "
+                  f"{source!r} is not in the local cache" if offline
+                  else f"{type(e).__name__}: {str(e).splitlines()[0][:300]}")
         raise ModelLoadError(
-            f"could not read a config for {source!r} ({type(e).__name__}: {str(e).splitlines()[0][:300]}). "
-            "Pass a local checkpoint folder, a reachable model id, or preset:NAME for a random-weight preset."
+            f"could not read a config for {source!r} ({reason}). Pass a local checkpoint folder, a reachable "
+            "model id, or preset:NAME for a random-weight preset."
         ) from e
     family_for_model_type(config.model_type)  # an unsupported model fails before any download
     folder = source if os.path.isdir(source) else _download(source)
     return config, CheckpointSource(folder), {"model": source, "preset": None,
                                               "revision": getattr(config, "_commit_hash", None)}, folder
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """One quick connection to the Hub's host, so that an offline machine fails in seconds rather than after the
+    Hub client's retries (about 30 s); HF_HUB_OFFLINE=1 skips the attempt."""
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return False
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        socket.create_connection((endpoint.hostname, port), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
 
 
 def _download(model_id: str) -> str:

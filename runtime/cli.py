@@ -9,7 +9,13 @@ import sys
 
 from .errors import XmtfError
 
-EPILOG = """examples:
+FAILED = 1  # the command was well formed but could not do its job: a typed error (model, input, file) says why
+USAGE = 2  # the command line itself is wrong (argparse's own code for unknown options and missing arguments)
+
+EPILOG = """exit status: 0 done; 1 it could not be done (the message says why and what to do: a bad model folder,
+  input or file, a missing extra); 2 the command line is wrong (unknown option, missing argument); 130 interrupted.
+
+examples:
   xmtf-onnx export preset:mt0-small exported/mt0-small          # real architecture, random weights, offline
   xmtf-onnx export bigscience/mt0-small exported/mt0-small      # from the Hub (needs network)
   xmtf-onnx export ./my-checkpoint exported/mine --quantize int8
@@ -25,7 +31,7 @@ def _export(args: argparse.Namespace) -> int:
         from xmtf_onnx.export import export
     except ImportError as e:
         print(f"error: export needs the export extra: pip install 'xmtf-onnx[export]' ({e})", file=sys.stderr)
-        return 2
+        return FAILED
     output = export(args.model, args.output, force=args.force, tolerance=args.tolerance,
                     validate=not args.no_validate, progress=not args.quiet, quantize=args.quantize or (),
                     fp32=not args.no_fp32, validation=args.validation, block_size=args.block_size,
@@ -49,10 +55,10 @@ def _quantize(args: argparse.Namespace) -> int:
         from xmtf_onnx.export.quantize import quantize_folder
     except ImportError as e:
         print(f"error: quantize needs the export extra: pip install 'xmtf-onnx[export]' ({e})", file=sys.stderr)
-        return 2
+        return FAILED
     if args.name and len(args.mode) > 1:
         print("error: --name names one variant; give one --mode with it", file=sys.stderr)
-        return 2
+        return USAGE
     for mode in args.mode:
         name = quantize_folder(args.folder, mode, force=args.force, block_size=args.block_size,
                                keep_fp32=_patterns(args.keep_fp32), name=args.name)
@@ -95,10 +101,10 @@ def _generate(args: argparse.Namespace) -> int:
     if prompts and model.tokenizer is None:
         print(f"error: {args.model_dir} has no tokenizer.json (random-weight presets have none): "
               "pass token ids with --ids 5 6 7", file=sys.stderr)
-        return 2
+        return FAILED
     if not prompts:
         print("error: no prompt: give PROMPT arguments, --file FILE, text on stdin, or --ids", file=sys.stderr)
-        return 2
+        return USAGE
     if len(prompts) == 1 and not args.jsonl and not args.no_stream:
         for piece in model.stream(prompts[0], **options):
             print(piece, end="", flush=True)
@@ -125,7 +131,7 @@ def _bench(args: argparse.Namespace) -> int:
     except ImportError as e:
         print(f"error: bench needs the export and bench extras: pip install 'xmtf-onnx[export,bench]' ({e})",
               file=sys.stderr)
-        return 2
+        return FAILED
     forwarded = args.bench_args[1:] if args.bench_args[:1] == ["--"] else args.bench_args
     return bench_main(forwarded)
 
@@ -246,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.handler(args)
     except XmtfError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return FAILED
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

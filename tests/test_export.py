@@ -178,8 +178,21 @@ def test_unknown_preset_and_bad_tolerance(tmp_path):
 def test_cli_export_errors_exit_nonzero(tmp_path):
     result = subprocess.run([sys.executable, "-m", "xmtf_onnx.runtime.cli", "export", str(tmp_path / "missing"),
                              str(tmp_path / "out")], capture_output=True, text=True)
-    assert result.returncode != 0
+    assert result.returncode == 1  # the rule in --help: 1 could not be done, 2 a wrong command line
     assert "error:" in result.stderr and "does not exist" in result.stderr
+    assert not (tmp_path / "out").exists()
+    usage = subprocess.run([sys.executable, "-m", "xmtf_onnx.runtime.cli", "export", "--no-such-flag"],
+                           capture_output=True, text=True)
+    assert usage.returncode == 2 and "usage:" in usage.stderr
+
+
+def test_offline_model_id_fails_fast(tmp_path, monkeypatch):
+    """With the Hub unreachable (HF_HUB_OFFLINE, or one quick connection attempt) a model id that is not cached
+    fails at once with a message that says so, not after the Hub client's retries."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-cache"))
+    with pytest.raises(ModelLoadError, match="not reachable from here .* not in the local cache"):
+        export("some-org/not-a-model", tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
 
 
