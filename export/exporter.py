@@ -127,10 +127,17 @@ def _check_weights(family, config, weights) -> None:
                               + ". Pass a complete, unmodified checkpoint folder.")
 
 
-def _save_tokenizer(source: str | None, folder: str) -> dict | None:
-    """tokenizer.json (converted from spiece.model when that is all there is); None when there is none."""
-    if source is None:  # a preset
-        return None
+def _save_tokenizer(source: str | None, folder: str, config) -> dict | None:
+    """tokenizer.json (converted from spiece.model when that is all there is; a synthetic one over the whole
+    vocabulary for a preset); None when there is none."""
+    if source is None:  # a preset: text in and (random) text out, offline
+        from .presets import SPECIAL_TOKENS, preset_tokenizer
+
+        preset_tokenizer(config).save(os.path.join(folder, "tokenizer.json"))
+        return {"file": "tokenizer.json", "vocab_size": config.vocab_size, "clean_up_tokenization_spaces": False,
+                "special_token_ids": sorted(SPECIAL_TOKENS[config.model_type]),
+                "synthetic": "generated for a random-weight preset (characters of the major scripts, letter "
+                             "strings, byte fallback): not the model's real tokenizer"}
     from transformers import AutoTokenizer
 
     try:
@@ -289,7 +296,7 @@ def export(source: str, output: str | os.PathLike, force: bool = False, toleranc
                 variants[variant]["quantization"] = _built_quantization(variant, plan, written["graphs"],
                                                                         written["roles"])
                 checks[variant] = quantized_checks(written["store"])
-        tokenizer = _save_tokenizer(folder, temporary)
+        tokenizer = _save_tokenizer(folder, temporary, config)
         config.to_json_file(os.path.join(temporary, "config.json"))
         generation.to_json_file(os.path.join(temporary, "generation_config.json"))
         record: dict[str, Any] = {"mode": "none", "performed": False}

@@ -99,7 +99,7 @@ def _generate(args: argparse.Namespace) -> int:
         return 0
     prompts = _read_prompts(args)
     if prompts and model.tokenizer is None:
-        print(f"error: {args.model_dir} has no tokenizer.json (random-weight presets have none): "
+        print(f"error: {args.model_dir} has no tokenizer.json (its checkpoint had none): "
               "pass token ids with --ids 5 6 7", file=sys.stderr)
         return FAILED
     if not prompts:

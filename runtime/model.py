@@ -97,7 +97,7 @@ class Model:
     def _encode_prompts(self, prompts: Sequence[str]) -> list[list[int]]:
         if self.tokenizer is None:
             raise GenerationInputError(
-                f"{self.manifest.folder} has no tokenizer.json (random-weight presets have none): "
+                f"{self.manifest.folder} has no tokenizer.json (its checkpoint had none): "
                 "pass token ids with input_ids=[[...], ...] instead of text."
             )
         for index, prompt in enumerate(prompts):
@@ -171,28 +171,40 @@ class Model:
             hypotheses = run_sampling(self.runner, state, config, stop_check, timer)
         return self._output(hypotheses, config, timer)
 
-    def stream(self, prompt: str | Sequence[int], **options) -> Iterator[str]:
-        """Text pieces as they are produced, for one prompt; greedy or sampling (beams yield once, at the end)."""
-        if self.tokenizer is None:
-            raise GenerationInputError("stream() yields text and this export has no tokenizer; use generate().")
-        rows = self._inputs([prompt] if isinstance(prompt, str) else None,
-                            None if isinstance(prompt, str) else [prompt])
+    def stream_tokens(self, prompt: str | Sequence[int] | None = None, *, input_ids: Sequence[int] | None = None,
+                      **options) -> Iterator[int]:
+        """The generated token ids of one prompt (text, or token ids) as they are produced; greedy or sampling
+        (beam search yields its best sequence at the end). Works on exports without a tokenizer."""
+        if input_ids is None and prompt is not None and not isinstance(prompt, str):
+            prompt, input_ids = None, prompt
+        if isinstance(input_ids, (list, tuple, np.ndarray)) and any(not isinstance(t, numbers.Integral)
+                                                                   for t in input_ids):
+            raise GenerationInputError("streaming takes one prompt (a list of token ids), not a batch; "
+                                       "use generate() for several prompts")
+        rows = self._inputs(None if prompt is None else [prompt], None if input_ids is None else [input_ids])
         config = self._config(options)
         if config.num_beams > 1 or config.num_return_sequences > 1 or config.max_new_tokens == 0:
-            output = self.generate(input_ids=rows, **options)
-            if output.texts and output.texts[0]:
-                yield output.texts[0]
+            yield from self.generate(input_ids=rows, **options).sequences[0]
             return
-        config = dataclasses.replace(config, output_scores=False)  # text only: greedy may take the screen
+        config = dataclasses.replace(config, output_scores=False)  # ids only: greedy may take the screen
         ids, mask = self._batch(rows, config.pad_token_id)
         state = self.runner.begin(ids, mask, 1, config.max_new_tokens)
-        tokens: list[int] = []
-        emitted = ""
         for step_tokens, running, _ in sample_tokens(self.runner, state, config, self._stop_check(config),
                                                      StepTimer()):
             if not running[0]:
-                break
-            tokens.append(int(step_tokens[0]))
+                return
+            yield int(step_tokens[0])
+
+    def stream(self, prompt: str | Sequence[int] | None = None, *, input_ids: Sequence[int] | None = None,
+               **options) -> Iterator[str]:
+        """Text pieces as they are produced, for one prompt (text or token ids); see stream_tokens()."""
+        if self.tokenizer is None:
+            raise GenerationInputError("stream() yields text and this export has no tokenizer; "
+                                       "use stream_tokens() for the token ids.")
+        tokens: list[int] = []
+        emitted = ""
+        for token in self.stream_tokens(prompt, input_ids=input_ids, **options):
+            tokens.append(token)
             text = self.decode(tokens)
             # Hold back a trailing partial character (byte-level BPE splits UTF-8 sequences).
             if text.startswith(emitted) and not text.endswith("\ufffd") and len(text) > len(emitted):

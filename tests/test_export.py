@@ -258,3 +258,27 @@ def test_sigterm_mid_export_leaves_nothing(tmp_path):
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=120) == 130
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("family_name", ["mt5", "bloom"])
+def test_presets_export_a_tokenizer_over_their_whole_vocabulary(tmp_path, monkeypatch, family_name):
+    """Offline, a preset's text goes in and (random) text comes out: the synthetic tokenizer covers every id,
+    encodes any text (byte fallback), keeps the family's special tokens at their real ids, and says it is synthetic."""
+    from xmtf_onnx.export import presets
+    from xmtf_onnx.runtime import load
+
+    small = dict(d_model=32, d_ff=48, num_heads=2, d_kv=16, num_layers=1, num_decoder_layers=1) \
+        if family_name == "mt5" else dict(hidden_size=32, n_layer=1, n_head=2)
+    base = presets._MT5 if family_name == "mt5" else presets._BLOOM
+    monkeypatch.setitem(presets.PRESETS, "tiny", dict(base, vocab_size=1500, **small))
+    output = export("preset:tiny", tmp_path / "out", progress=False, validation="none")
+    model = load(output)
+    entry = model.manifest.data["tokenizer"]
+    assert "not the model's real tokenizer" in entry["synthetic"] and model.tokenizer.get_vocab_size() == 1500
+    text = "Translate to English: Кошка спит 猫 🙂"
+    ids = model.tokenizer.encode(text).ids
+    assert model.decode(ids) == text and max(ids) < 1500
+    assert (ids[-1] == model.tokens["eos_token_id"][0]) == (family_name == "mt5")  # mT5's tokenizer appends </s>
+    out = model.generate(text, max_new_tokens=6, min_new_tokens=6)
+    assert out.texts[0] == model.decode(out.sequences[0]) and len(out.sequences[0]) == 6
+    assert "".join(model.stream(text, max_new_tokens=6, min_new_tokens=6)) == out.texts[0]

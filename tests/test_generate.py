@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from xmtf_onnx.runtime import load
+from xmtf_onnx.runtime import GenerationInputError, load
 
 from conftest import sample_prompts
 
@@ -130,6 +130,18 @@ def test_stream_equals_generate(family):
         assert "".join(pieces) == model.generate(prompt, max_new_tokens=15).texts[0]
     assert "".join(model.stream(prompt, max_new_tokens=8, num_beams=2)) == \
         model.generate(prompt, max_new_tokens=8, num_beams=2).texts[0]
+
+
+def test_stream_tokens_equal_generate(family):
+    model = load(family["export"])
+    rows = _prompts(family, model, 2)
+    for row in rows:
+        expected = model.generate(input_ids=[row], max_new_tokens=12).sequences[0]
+        assert list(model.stream_tokens(row, max_new_tokens=12)) == expected
+        assert list(model.stream_tokens(input_ids=row, max_new_tokens=12)) == expected
+        assert "".join(model.stream(input_ids=row, max_new_tokens=12)) == model.decode(expected)
+    with pytest.raises(GenerationInputError, match="one prompt"):
+        list(model.stream_tokens(input_ids=rows, max_new_tokens=2))
 
 
 def test_stop_strings_end_a_sequence(family):
