@@ -104,7 +104,7 @@ def test_bad_quantize_options_are_typed_errors_and_write_nothing(quantized, opti
 
 def test_everything_exported_is_readable_by_other_users(quantized):
     """Folders 0755 and files 0644 (not mkdtemp's 0700 / 0600): a service running as another user can load them."""
-    for root, folders, files in [w for folder in quantized.values() for w in os.walk(folder)]:
+    for root, _, files in [w for folder in quantized.values() for w in os.walk(folder)]:
         assert oct(os.stat(root).st_mode & 0o777) == oct(0o755), root
         for name in files:
             assert oct(os.stat(os.path.join(root, name)).st_mode & 0o777) == oct(0o644), os.path.join(root, name)
