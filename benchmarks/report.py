@@ -25,7 +25,9 @@ def markdown(report: dict) -> str:
     lines = [f"# xmtf-onnx benchmark ({report['created']})", "",
              f"Machine: {machine.get('cpu', '?')}, {machine.get('cores')} cores; provider {report['provider']}, "
              f"{report['threads']} threads; {report['new_tokens']} new tokens forced (min = max); prompts of "
-             f"{report['prompt_tokens']} tokens; median of {report['repeats']} runs after {report['warmup']} warm-up.",
+             f"{report['prompt_tokens']} tokens; {report['repeats']} rounds, backends interleaved (A B C A B C), each run "
+             f"after {report['warmup']} warm-up in its process: tok/s is the median round (best round in brackets); "
+             "every ratio uses the medians.",
              "Versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()), "",
              "tok/s = generated tokens returned per second (batch × new tokens / wall time); "
              "×pt = against PyTorch fp32; ×rival = against the fastest rival (non-xmtf) of the same class (fp32 "
@@ -58,7 +60,8 @@ def markdown(report: dict) -> str:
                 rivals = [b["settings"][setting]["tokens_per_second"] for b in ok
                           if _is_rival(b["name"]) and setting in b["settings"] and b is not backend
                           and _precision(b["name"]) == _precision(backend["name"])]
-                row += [_fmt(speed), _fmt(speed / base if base else None, "{:.2f}"),
+                best = entry.get("tokens_per_second_best")
+                row += [_fmt(speed) + (f" ({best:.1f})" if best else ""), _fmt(speed / base if base else None, "{:.2f}"),
                         _fmt(speed / max(rivals) if rivals else None, "{:.2f}"),
                         _fmt(entry["first_token_seconds"] * 1e3 if entry["first_token_seconds"] else None, "{:.0f}"),
                         f"{_fmt(entry['step_p50_ms'])}/{_fmt(entry['step_p90_ms'])}"]
@@ -95,6 +98,9 @@ def _fidelity_lines(fidelity: dict | None) -> list[str]:
 
 
 def plots(report: dict, folder: str) -> list[str]:
+    """tokens_per_second.png: one panel per model and setting, each on its own scale (a batch of 8 is several times
+    a batch of 1, and a shared axis would hide the B=1 differences); peak_rss.png: one panel per model. Each figure
+    says the machine, the threads and the work."""
     try:
         import matplotlib
 
@@ -103,34 +109,55 @@ def plots(report: dict, folder: str) -> list[str]:
     except ImportError:
         print("matplotlib is not installed (bench extra): no plots", file=sys.stderr)
         return []
+    machine = report["machine"]
+    where = (f"{machine.get('cpu', '?')}, {machine.get('cores')} cores, {report['threads']} threads, "
+             f"{report['provider']}; {report['new_tokens']} new tokens, median of {report['repeats']} rounds")
+    models = list(report["models"])
     written = []
-    for metric, label, filename in (("tokens_per_second", "generated tokens / s", "tokens_per_second.png"),
-                                    ("peak_rss", "peak RSS (MB)", "peak_rss.png")):
-        models = list(report["models"])
-        figure, axes = plt.subplots(1, len(models), figsize=(6.5 * len(models), 4.8), squeeze=False)
-        for axis, model_name in zip(axes[0], models):
-            model = report["models"][model_name]
-            backends = [b for b in model["backends"] if b["status"] == "ok"]
+
+    def bars(axis, backends: list[dict], values: list[float], title: str, label: str) -> None:
+        names = [b["name"] for b in backends]
+        axis.barh(names, values, color=["tab:gray" if _is_rival(n) else "tab:green" for n in names])
+        for y, value in enumerate(values):
+            axis.text(value, y, f" {value:.0f}", va="center", fontsize=7)
+        axis.invert_yaxis()
+        axis.set_title(title, fontsize=9)
+        axis.set_xlabel(label, fontsize=8)
+        axis.tick_params(labelsize=7)
+        axis.set_xlim(0, max(values + [1]) * 1.18)
+
+    columns = max(len(report["models"][m]["settings"]) for m in models)
+    figure, axes = plt.subplots(len(models), columns, figsize=(3.6 * columns, 0.35 * 10 + 1.2 * len(models)),
+                                squeeze=False)
+    for row, model_name in enumerate(models):
+        model = report["models"][model_name]
+        backends = [b for b in model["backends"] if b["status"] == "ok"]
+        for column in range(columns):
+            axis = axes[row][column]
             settings = list(model["settings"])
-            if metric == "peak_rss":
-                axis.barh([b["name"] for b in backends], [b["peak_rss_bytes"] / 1e6 for b in backends],
-                          color=["tab:green" if not _is_rival(b["name"]) else "tab:gray" for b in backends])
-            else:
-                width = 0.8 / max(1, len(backends))
-                for index, backend in enumerate(backends):
-                    values = [backend["settings"].get(s, {}).get("tokens_per_second", 0) for s in settings]
-                    axis.bar([i + index * width for i in range(len(settings))], values, width, label=backend["name"])
-                axis.set_xticks([i + 0.4 - width / 2 for i in range(len(settings))])
-                axis.set_xticklabels([f"B×beams {s}" for s in settings])
-                axis.legend(fontsize=7)
-            axis.set_title(model_name)
-            axis.set_xlabel(label if metric == "peak_rss" else "")
-            axis.set_ylabel(label if metric != "peak_rss" else "")
-        figure.tight_layout()
-        path = os.path.join(folder, filename)
-        figure.savefig(path, dpi=110)
-        plt.close(figure)
-        written.append(path)
+            if column >= len(settings):
+                axis.axis("off")
+                continue
+            setting = settings[column]
+            present = [b for b in backends if setting in b["settings"]]
+            batch, beams = setting.split("x")
+            bars(axis, present, [b["settings"][setting]["tokens_per_second"] for b in present],
+                 f"{model_name}: batch {batch}, {beams} beam{'s' if beams != '1' else ''}", "generated tokens / s")
+    figure.suptitle(f"xmtf-onnx (green) and rivals (gray), tokens/s — {where}", fontsize=9)
+    figure.tight_layout()
+    written.append(os.path.join(folder, "tokens_per_second.png"))
+    figure.savefig(written[-1], dpi=110)
+    plt.close(figure)
+
+    figure, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4.2), squeeze=False)
+    for axis, model_name in zip(axes[0], models):
+        backends = [b for b in report["models"][model_name]["backends"] if b["status"] == "ok"]
+        bars(axis, backends, [b["peak_rss_bytes"] / 1e6 for b in backends], model_name, "peak RSS of its process (MB)")
+    figure.suptitle(f"Peak resident memory — {where}", fontsize=9)
+    figure.tight_layout()
+    written.append(os.path.join(folder, "peak_rss.png"))
+    figure.savefig(written[-1], dpi=110)
+    plt.close(figure)
     return written
 
 

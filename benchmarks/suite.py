@@ -45,7 +45,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--new-tokens", type=int, default=32, help="tokens generated per sequence (forced)")
     parser.add_argument("--prompt-tokens", default="24",
                         help="prompt length in tokens, or 'real' for lengths of ../shared/data prompts")
-    parser.add_argument("--repeats", type=int, help="timed runs per setting after one warm-up")
+    parser.add_argument("--repeats", type=int,
+                        help="rounds: every backend runs each setting once per round (warm-up first), rounds "
+                             "interleaved A B C A B C; tables give the median and the best round")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="threads for every backend")
     parser.add_argument("--provider", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--quantize", default="int8", help="xmtf variants to add to each export ('' for none)")
@@ -277,10 +279,10 @@ def jobs_for(model_name: str, export_dir: str, checkpoint: str, rivals: dict, ba
     return jobs
 
 
-def run_job(job: dict, settings: dict, args: argparse.Namespace) -> dict:
+def run_job(job: dict, settings: dict, args: argparse.Namespace, repeats: int | None = None) -> dict:
     if job.get("prepare_error"):
         return {"name": job["name"], "status": "failed", "error": job["prepare_error"], "settings": {}}
-    spec = dict(job, settings=settings, new_tokens=args.new_tokens, repeats=args.repeats, warmup=1,
+    spec = dict(job, settings=settings, new_tokens=args.new_tokens, repeats=repeats or args.repeats, warmup=1,
                 threads=args.threads, provider=args.provider)
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as handle:
         json.dump(spec, handle)
@@ -297,8 +299,29 @@ def run_job(job: dict, settings: dict, args: argparse.Namespace) -> dict:
     return json.loads(lines[-1])
 
 
+def run_interleaved(jobs: list[dict], settings: dict, args: argparse.Namespace, progress: bool) -> list[dict]:
+    """Every job once per round, rounds repeated (A B C A B C ...): a machine whose speed drifts (a noisy VM
+    neighbour, thermal limits) then slows every backend alike instead of whichever ran during the slow minute.
+    Each round is a fresh process with its own warm-up; runs are pooled per setting, peak RSS is the highest."""
+    merged: dict[str, dict] = {}
+    for round_index in range(args.repeats):
+        for job in _progress(jobs, progress, f"round {round_index + 1}/{args.repeats}"):
+            result = run_job(job, settings, args, repeats=1)
+            previous = merged.setdefault(job["name"], result)
+            if previous is result:
+                continue
+            if result["status"] != "ok" and previous["status"] == "ok":
+                merged[job["name"]] = result  # a failure in any round is reported
+            elif result["status"] == "ok" and previous["status"] == "ok":
+                for key, entry in result["settings"].items():
+                    previous["settings"].setdefault(key, {"runs": []})["runs"] += entry["runs"]
+                previous["peak_rss_bytes"] = max(previous["peak_rss_bytes"], result["peak_rss_bytes"])
+                previous["load_seconds"] = min(previous["load_seconds"], result["load_seconds"])
+    return list(merged.values())
+
+
 def summarize(result: dict) -> None:
-    """Add tokens/s, first-token and per-token p50/p90 to every setting of a worker's result."""
+    """Add tokens/s (median and best run), first-token and per-token p50/p90 to every setting of a result."""
     for entry in result.get("settings", {}).values():
         runs = entry["runs"]
         totals = [r["total_seconds"] for r in runs]
@@ -306,6 +329,7 @@ def summarize(result: dict) -> None:
         firsts = [r["first_token_seconds"] for r in runs if r["first_token_seconds"] is not None]
         entry["tokens"] = runs[0]["tokens"]
         entry["tokens_per_second"] = runs[0]["tokens"] / float(np.median(totals))
+        entry["tokens_per_second_best"] = runs[0]["tokens"] / float(np.min(totals))
         entry["total_seconds_median"] = float(np.median(totals))
         entry["first_token_seconds"] = float(np.median(firsts)) if firsts else None
         entry["step_p50_ms"] = float(np.percentile(steps, 50) * 1e3) if steps else None
@@ -360,14 +384,12 @@ def main(argv: list[str] | None = None) -> int:
             batch, beams = map(int, setting.split("x"))
             settings[setting] = {"batch": batch, "beams": beams,
                                  "rows": prompt_rows(vocab, batch, args.prompt_tokens, seed=index)}
-        results = []
-        for job in _progress(jobs_for(model_name, export_dir, checkpoint, rivals, args.backends), progress,
-                             f"{model_name} backends"):
-            result = run_job(job, settings, args)
+        results = run_interleaved(jobs_for(model_name, export_dir, checkpoint, rivals, args.backends), settings,
+                                  args, progress)
+        for result in results:
             summarize(result)
-            results.append(result)
             if result["status"] != "ok":
-                _log(f"   {job['name']}: FAILED {result.get('error')}")
+                _log(f"   {result['name']}: FAILED {result.get('error')}")
         report["models"][model_name] = {
             "kind": manifest.kind, "num_parameters": manifest.data["num_parameters"],
             "settings": {k: {"batch": v["batch"], "beams": v["beams"], "prompt_lengths": [len(r) for r in v["rows"]]}
