@@ -147,4 +147,11 @@ class CTranslate2Backend:
         return generated, first, [], total
 
 
-BACKENDS = {"xmtf": XmtfBackend, "pytorch": TorchBackend, "optimum": OptimumBackend, "ctranslate2": CTranslate2Backend}
+def _llama_cpp(spec: dict):
+    from .llama import LlamaCppBackend
+
+    return LlamaCppBackend(spec)
+
+
+BACKENDS = {"xmtf": XmtfBackend, "pytorch": TorchBackend, "optimum": OptimumBackend, "ctranslate2": CTranslate2Backend,
+            "llama-cpp": _llama_cpp}

@@ -27,6 +27,8 @@ import subprocess
 import sys
 import time
 
+from . import llama
+
 
 def _status(pid: int | str = "self") -> dict[str, int]:
     values = {}
@@ -205,26 +207,6 @@ def render(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-# The preset checkpoints' word-level tokenizer has neither a known pre-tokenizer nor BPE merges, which llama.cpp's
-# BPE vocabulary requires: the driver names the default pre-tokenizer and adds one merge (the speed measured does
-# not depend on the tokenizer; prompts are token ids).
-CONVERT_DRIVER = """
-import sys
-sys.path.insert(0, sys.argv[1])
-sys.argv = [sys.argv[1] + "/convert_hf_to_gguf.py"] + sys.argv[2:]
-import convert_hf_to_gguf
-import gguf
-from conversion import base
-base.TextModel.get_vocab_base_pre = lambda self, tokenizer: "default"
-add_to_gguf = gguf.SpecialVocab.add_to_gguf
-def with_a_merge(self, writer, *args, **kwargs):
-    self.merges = self.merges or ["t 0"]
-    return add_to_gguf(self, writer, *args, **kwargs)
-gguf.SpecialVocab.add_to_gguf = with_a_merge
-convert_hf_to_gguf.main()
-"""
-
-
 def llama_cpp(checkpoint: str, root: str, types: list[str], work: str, threads: int) -> dict:
     """Convert, quantize and run llama.cpp on the checkpoint; decode tokens/s and peak RSS per type."""
     binary = lambda name: os.path.join(root, "build", "bin", name)  # noqa: E731
@@ -238,7 +220,7 @@ def llama_cpp(checkpoint: str, root: str, types: list[str], work: str, threads: 
     targets = {kind: os.path.join(work, f"model-{kind}.gguf") for kind in types}
     if not os.path.isfile(f16) and not all(os.path.isfile(t) for t in targets.values()):
         print(f"== llama.cpp: converting {checkpoint}", file=sys.stderr, flush=True)
-        completed = subprocess.run([sys.executable, "-c", CONVERT_DRIVER, root, checkpoint, "--outtype", "f16",
+        completed = subprocess.run([sys.executable, "-c", llama.CONVERT_DRIVER, root, checkpoint, "--outtype", "f16",
                                     "--outfile", f16 + ".partial"], capture_output=True, text=True)
         if completed.returncode != 0:
             raise SystemExit(f"convert_hf_to_gguf failed: {completed.stderr[-800:]}")

@@ -16,8 +16,10 @@ def _is_rival(name: str) -> bool:
 
 
 def _precision(name: str) -> str:
-    """'fp32' or 'quantized': a variant is compared with the rivals of its own class."""
-    return "fp32" if name.endswith(("fp32", "float32")) else "quantized"
+    """A backend's class: fp32, 8-bit or 4-bit weights; a variant is compared with the rivals of its own class."""
+    if name.endswith(("fp32", "float32", " f32")):
+        return "fp32"
+    return "4-bit" if name.endswith(("int4-weight", "q4_0")) else "8-bit"
 
 
 def markdown(report: dict) -> str:
@@ -30,8 +32,8 @@ def markdown(report: dict) -> str:
              "every ratio uses the medians.",
              "Versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()), "",
              "tok/s = generated tokens returned per second (batch × new tokens / wall time); "
-             "×pt = against PyTorch fp32; ×rival = against the fastest rival (non-xmtf) of the same class (fp32 "
-             "against fp32, quantized against quantized) in the same setting; "
+             "×pt = against PyTorch fp32; ×rival = against the fastest rival (non-xmtf) of the same class (fp32, "
+             "8-bit or 4-bit weights) in the same setting; llama.cpp runs batch 1 greedy only (– elsewhere); "
              "TTFT = time to first token; p50/p90 = per-token decode latency; RSS = peak resident memory of the "
              "backend's own process. xmtf load times are with verify=False (sizes checked, no sha256).", ""]
     for model_name, model in report["models"].items():

@@ -22,9 +22,13 @@ from importlib import metadata
 
 import numpy as np
 
-QUICK = {"models": ["mt0-small"], "settings": ["1x1", "1x4", "8x1"], "repeats": 2}
+# The main job of a fresh machine: minutes and a few GB. Optimum's export alone takes minutes and GBs, and the
+# full grid's fp32 rivals are what --quick leaves to the full run.
+QUICK = {"models": ["mt0-small"], "settings": ["1x1", "1x4", "8x1"], "repeats": 2,
+         "backends": ["xmtf", "pytorch", "ctranslate2"]}
 FULL = {"models": ["mt0-small", "mt0-base", "bloomz-560m"], "settings": ["1x1", "1x4", "8x1", "8x4"], "repeats": 3}
-ALL_BACKENDS = ["xmtf", "pytorch", "pytorch-int8", "ctranslate2", "optimum"]
+ALL_BACKENDS = ["xmtf", "pytorch", "pytorch-int8", "ctranslate2", "optimum", "llama-cpp"]
+LLAMA_CPP_TYPES = ("f32", "q8_0", "q4_0")
 SHARED_PROMPTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data", "prompts.jsonl")
 
 
@@ -36,12 +40,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                "  xmtf-onnx bench --backends xmtf,pytorch --new-tokens 16 --repeats 1\n"
                "  xmtf-onnx bench large --help     # export cost and the large presets (mt0-xl ... bloomz-7b1)")
     parser.add_argument("--quick", action="store_true",
-                        help=f"small grid: {QUICK['models']} x {QUICK['settings']}, {QUICK['repeats']} repeats")
+                        help=f"small grid (about 4 minutes and 3 GB of disk on 2 cores): {QUICK['models']} x "
+                             f"{QUICK['settings']}, {QUICK['repeats']} rounds, xmtf fp32 and int8 against PyTorch fp32 "
+                             "and CTranslate2 int8")
     parser.add_argument("--models", help=f"comma-separated presets or checkpoint folders "
                                          f"(default {','.join(FULL['models'])})")
     parser.add_argument("--settings", help="comma-separated BATCHxBEAMS (default 1x1,1x4,8x1,8x4)")
-    parser.add_argument("--backends", default=",".join(ALL_BACKENDS),
-                        help=f"comma-separated subset of {','.join(ALL_BACKENDS)}")
+    parser.add_argument("--backends", default=None,
+                        help=f"comma-separated subset of {','.join(ALL_BACKENDS)} (llama-cpp runs when --llama-cpp "
+                             "is given)")
+    parser.add_argument("--llama-cpp", metavar="DIR",
+                        help="a llama.cpp source folder (its convert_hf_to_gguf.py converts the checkpoint; e.g. "
+                             "vendor/llama.cpp of the llama-cpp-python sdist): adds llama.cpp f32, q8_0 and q4_0 "
+                             "(--pure) as B=1 greedy rivals; needs llama-cpp-python (pip install 'xmtf-onnx[llama]')")
     parser.add_argument("--new-tokens", type=int, default=32, help="tokens generated per sequence (forced)")
     parser.add_argument("--prompt-tokens", default="24",
                         help="prompt length in tokens, or 'real' for lengths of ../shared/data prompts")
@@ -60,11 +71,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="prompts for the fidelity report of each quantized variant against fp32 (0: skip)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
+    args.backends_given = args.backends is not None
     base = QUICK if args.quick else FULL
     args.models = args.models.split(",") if args.models else base["models"]
     args.settings = args.settings.split(",") if args.settings else base["settings"]
     args.repeats = args.repeats or base["repeats"]
-    args.backends = [b for b in args.backends.split(",") if b]
+    backends = args.backends.split(",") if args.backends else base.get("backends", ALL_BACKENDS)
+    args.backends = [b for b in backends if b and (b != "llama-cpp" or args.llama_cpp)]
+    args.quantized_rivals_only = args.no_fp32 or (args.quick and not args.backends_given)
     unknown = set(args.backends) - set(ALL_BACKENDS)
     if unknown:
         parser.error(f"unknown backend(s) {sorted(unknown)}; choose from {ALL_BACKENDS}")
@@ -100,7 +114,6 @@ def prepare_checkpoint(preset: str, folder: str) -> str:
     from tokenizers import Tokenizer, models
     from transformers import GenerationConfig, PreTrainedTokenizerFast
 
-    from xmtf_onnx.export.families import family_for_model_type, parameter_count
     from xmtf_onnx.export.presets import preset_source
     from xmtf_onnx.export.weights import write_checkpoint
 
@@ -114,9 +127,9 @@ def prepare_checkpoint(preset: str, folder: str) -> str:
     partial = folder + ".partial"
     shutil.rmtree(partial, ignore_errors=True)
     os.makedirs(partial)
-    # Streamed tensor by tensor (no torch model): the large presets fit; bf16 halves the disk of 3B+ models.
-    dtype = "float32" if parameter_count(family_for_model_type(config.model_type), config) < 2e9 else "bfloat16"
-    write_checkpoint(weights, weights.names(), partial, dtype)
+    # Streamed tensor by tensor (no torch model), in bf16: half the disk of fp32 (a published checkpoint's own
+    # dtype); every backend converts to the precision it runs (PyTorch fp32 loads it as fp32).
+    write_checkpoint(weights, weights.names(), partial, "bfloat16")
     # Converters (llama.cpp's, CTranslate2's) pick the model class from config.json's architectures.
     config.architectures = ["MT5ForConditionalGeneration" if config.model_type == "mt5" else "BloomForCausalLM"]
     config.save_pretrained(partial)
@@ -127,9 +140,19 @@ def prepare_checkpoint(preset: str, folder: str) -> str:
 
 
 def prepare_rivals(checkpoint: str, work: str, backends: list[str], is_seq2seq: bool,
-                   quantized_only: bool = False) -> dict[str, str | Exception]:
+                   quantized_only: bool = False, llama_cpp: str | None = None,
+                   threads: int = 1) -> dict[str, str | Exception]:
     """Conversions the rivals need; an exception is kept and reported as that rival's failure."""
     prepared: dict[str, str | Exception] = {}
+    if "llama-cpp" in backends and llama_cpp:
+        from . import llama
+
+        kinds = [k for k in LLAMA_CPP_TYPES if not (quantized_only and k == "f32")]
+        try:
+            prepared.update({f"llamacpp-{k}": path for k, path in
+                             llama.prepare(checkpoint, llama_cpp, os.path.join(work, "gguf"), kinds, threads).items()})
+        except Exception as e:
+            prepared.update({f"llamacpp-{k}": e for k in kinds})
     if "ctranslate2" in backends:
         for quantization in ("int8",) if quantized_only else ("float32", "int8"):
             target = os.path.join(work, f"ct2-{quantization}")
@@ -270,7 +293,7 @@ def jobs_for(model_name: str, export_dir: str, checkpoint: str, rivals: dict, ba
         jobs.append({"name": "pytorch int8-dynamic", "backend": "pytorch", "variant": "int8-dynamic"})
     for key, target in rivals.items():
         backend, variant = key.split("-", 1)
-        backend = {"ct2": "ctranslate2"}.get(backend, backend)
+        backend = {"ct2": "ctranslate2", "llamacpp": "llama-cpp"}.get(backend, backend)
         jobs.append({"name": f"{backend} {variant}", "backend": backend, "variant": variant,
                      "rival_dir": target if isinstance(target, str) else None,
                      "prepare_error": None if isinstance(target, str) else f"{type(target).__name__}: {target}"})
@@ -378,7 +401,8 @@ def main(argv: list[str] | None = None) -> int:
 
         manifest = read_manifest(export_dir)
         vocab = manifest.data["tokenizer"]["vocab_size"] if manifest.data.get("tokenizer") else manifest.tokens["vocab_size"]
-        rivals = prepare_rivals(checkpoint, work, args.backends, manifest.kind == "seq2seq", args.no_fp32)
+        rivals = prepare_rivals(checkpoint, work, args.backends, manifest.kind == "seq2seq",
+                                args.quantized_rivals_only, args.llama_cpp, args.threads)
         settings = {}
         for index, setting in enumerate(args.settings):
             batch, beams = map(int, setting.split("x"))

@@ -36,8 +36,11 @@ def main(spec_path: str) -> int:
         backend = BACKENDS[spec["backend"]](spec)
         result["load_seconds"] = time.perf_counter() - started  # imports included, as a user pays them
         result["size_bytes"] = backend.size
+        supports = getattr(backend, "supports", lambda batch, beams: True)
         for key, setting in spec["settings"].items():
             rows = setting["rows"]
+            if not supports(len(rows), setting["beams"]):
+                continue  # llama.cpp: batch 1 greedy only; the table shows – for the rest
             runs = []
             for repeat in range(spec["warmup"] + spec["repeats"]):
                 tokens, first, steps, total = backend.run(rows, setting["beams"], spec["new_tokens"])
