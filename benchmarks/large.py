@@ -98,13 +98,29 @@ def read_bandwidth(size: int = 1 << 30, threads: int | None = None) -> float:
 
 
 def decode_bytes(manifest, variant: str) -> int:
-    """Bytes read per generated token at B=1: the files of the decoder and head graphs, less those the encoder reads
-    too (mT0's shared embedding table: a decode step gathers a few rows of it)."""
+    """Bytes read per generated greedy token at B=1: the files of the decoder and of the head, less those the encoder
+    reads too (mT0's shared embedding table: a decode step gathers a few rows of it). Where the variant has a greedy
+    screen, greedy reads the screen's 8-bit copy of the projection (and 128 of the fp32 rows) instead of the head."""
     files = manifest.variant(variant)["files"]
-    paths = lambda role: {item["path"]: item["bytes"] for item in [files[role], *files[role].get("data", [])]}  # noqa: E731
+    paths = lambda role: {item["path"]: item["bytes"] for item in files[role].get("data", [])}  # noqa: E731
     encoder = paths("encoder") if "encoder" in files else {}
-    step = {**paths("decoder"), **paths("head")}
-    return sum(size for path, size in step.items() if path not in encoder)
+    head = paths("head")
+    skipped = 0
+    if "screen" in files:
+        if set(head) <= set(paths("decoder")):  # BLOOM: the head is the decoder's tied embedding table
+            skipped = _initializer_bytes(manifest.path(files["head"]["path"]))
+        head = {path: size for path, size in paths("screen").items() if path not in head}
+    step = {**paths("decoder"), **head}
+    return sum(size for path, size in step.items() if path not in encoder) - skipped
+
+
+def _initializer_bytes(graph_path: str) -> int:
+    """Bytes of a graph's external-data initializers, from the graph alone (the data is not read)."""
+    import onnx
+
+    graph = onnx.load(graph_path, load_external_data=False).graph
+    return sum(int(entry.value) for tensor in graph.initializer for entry in tensor.external_data
+               if entry.key == "length")
 
 
 def _reset_peak() -> None:

@@ -26,7 +26,8 @@ def markdown(report: dict) -> str:
     machine = report["machine"]
     lines = [f"# xmtf-onnx benchmark ({report['created']})", "",
              f"Machine: {machine.get('cpu', '?')}, {machine.get('cores')} cores; provider {report['provider']}, "
-             f"{report['threads']} threads; {report['new_tokens']} new tokens forced (min = max); prompts of "
+             f"{report['threads']} threads; checkpoint {report.get('checkpoint_dtype', 'float32')}; "
+             f"{report['new_tokens']} new tokens forced (min = max); prompts of "
              f"{report['prompt_tokens']} tokens; {report['repeats']} rounds, backends interleaved (A B C A B C), each run "
              f"after {report['warmup']} warm-up in its process: tok/s is the median round (best round in brackets); "
              "every ratio uses the medians.",
@@ -35,13 +36,15 @@ def markdown(report: dict) -> str:
              "×pt = against PyTorch fp32; ×rival = against the fastest rival (non-xmtf) of the same class (fp32, "
              "8-bit or 4-bit weights) in the same setting; llama.cpp runs batch 1 greedy only (– elsewhere); "
              "TTFT = time to first token; p50/p90 = per-token decode latency; RSS = peak resident memory of the "
-             "backend's own process. xmtf load times are with verify=False (sizes checked, no sha256).", ""]
+             "backend's own process; anon / file = its anonymous (heap: packed weight copies, activations) and "
+             "file-backed (memory-mapped weights) resident memory at the end. xmtf load times are with verify=False "
+             "(sizes checked, no sha256).", ""]
     for model_name, model in report["models"].items():
         lines += [f"## {model_name} ({model['num_parameters'] / 1e6:.0f}M parameters, {model['kind']})", ""]
         settings = list(model["settings"])
         ok = [b for b in model["backends"] if b["status"] == "ok"]
         baseline = next((b for b in ok if b["name"] == "pytorch fp32"), None)
-        header = ["backend", "load s", "size MB", "peak RSS MB"]
+        header = ["backend", "load s", "size MB", "peak RSS MB", "anon / file MB"]
         for setting in settings:
             header += [f"{setting} tok/s", "×pt", "×rival", "TTFT ms", "p50/p90 ms"]
         lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -51,7 +54,9 @@ def markdown(report: dict) -> str:
                              + " |" * (len(header) - 2))
                 continue
             row = [backend["name"], _fmt(backend.get("load_seconds"), "{:.2f}"),
-                   _fmt(backend.get("size_bytes", 0) / 1e6, "{:.0f}"), _fmt(backend["peak_rss_bytes"] / 1e6, "{:.0f}")]
+                   _fmt(backend.get("size_bytes", 0) / 1e6, "{:.0f}"), _fmt(backend["peak_rss_bytes"] / 1e6, "{:.0f}"),
+                   f"{_fmt(backend.get('rss_anon_bytes', 0) / 1e6, '{:.0f}')} / "
+                   f"{_fmt(backend.get('rss_file_bytes', 0) / 1e6, '{:.0f}')}"]
             for setting in settings:
                 entry = backend["settings"].get(setting)
                 if not entry:
@@ -69,10 +74,37 @@ def markdown(report: dict) -> str:
                         f"{_fmt(entry['step_p50_ms'])}/{_fmt(entry['step_p90_ms'])}"]
             lines.append("| " + " | ".join(row) + " |")
         lines.append("")
+        lines += _roofline_lines(model, report.get("read_bandwidth_bytes_per_second"))
         lines += _screen_lines(model["backends"])
         lines += _fidelity_lines(model.get("fidelity"))
     lines += [f"Reproduce: `{report['command']}`", ""]
     return "\n".join(lines)
+
+
+def _roofline_lines(model: dict, bandwidth: float | None) -> list[str]:
+    """B=1 greedy decode against the memory roofline: a decode step reads at least the decoder's and the head's
+    weights once, so bandwidth / those bytes bounds the tokens per second; llama.cpp of the same width beside it."""
+    entries = {b["name"]: b["settings"]["1x1"] for b in model["backends"]
+               if b["status"] == "ok" and "1x1" in b["settings"] and b["settings"]["1x1"].get("step_p50_ms")}
+    if not bandwidth or not model.get("decode_bytes") or not entries:
+        return []
+    llama = {_precision(name): entry for name, entry in entries.items() if name.startswith("llama-cpp")}
+    lines = [f"B=1 greedy decode against the memory roofline (read bandwidth {bandwidth / 1e9:.1f} GB/s measured in "
+             "this run; decode tok/s = 1 / median per-token step, prefill excluded):", "",
+             "| variant | bytes per token MB | roofline tok/s | decode tok/s | % of roofline | llama.cpp same width "
+             "decode tok/s | × llama.cpp (decode / end-to-end) |", "|---|---|---|---|---|---|---|"]
+    for variant, size in model["decode_bytes"].items():
+        entry = entries.get(f"xmtf {variant}")
+        if entry is None:
+            continue
+        decode, roof = 1e3 / entry["step_p50_ms"], bandwidth / size
+        rival = llama.get(_precision(f"xmtf {variant}"))
+        rival_decode = 1e3 / rival["step_p50_ms"] if rival else None
+        ratios = (f"{decode / rival_decode:.2f} / {entry['tokens_per_second'] / rival['tokens_per_second']:.2f}"
+                  if rival else "–")
+        lines.append(f"| xmtf {variant} | {size / 1e6:.0f} | {roof:.0f} | {decode:.1f} | {decode / roof * 100:.0f}% | "
+                     f"{_fmt(rival_decode)} | {ratios} |")
+    return lines + [""]
 
 
 def _screen_lines(backends: list[dict]) -> list[str]:

@@ -107,8 +107,8 @@ def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def prepare_checkpoint(preset: str, folder: str) -> str:
-    """The preset with random weights, saved with a word-level tokenizer covering every id (t0, t1, ...)."""
+def prepare_checkpoint(preset: str, folder: str, dtype: str = "float32") -> str:
+    """The preset with random weights in `dtype`, saved with a word-level tokenizer covering every id (t0, t1, ...)."""
     if os.path.isfile(os.path.join(folder, "config.json")):
         return folder
     from tokenizers import Tokenizer, models
@@ -127,9 +127,8 @@ def prepare_checkpoint(preset: str, folder: str) -> str:
     partial = folder + ".partial"
     shutil.rmtree(partial, ignore_errors=True)
     os.makedirs(partial)
-    # Streamed tensor by tensor (no torch model), in bf16: half the disk of fp32 (a published checkpoint's own
-    # dtype); every backend converts to the precision it runs (PyTorch fp32 loads it as fp32).
-    write_checkpoint(weights, weights.names(), partial, "bfloat16")
+    # Streamed tensor by tensor (no torch model): the large presets fit.
+    write_checkpoint(weights, weights.names(), partial, dtype)
     # Converters (llama.cpp's, CTranslate2's) pick the model class from config.json's architectures.
     config.architectures = ["MT5ForConditionalGeneration" if config.model_type == "mt5" else "BloomForCausalLM"]
     config.save_pretrained(partial)
@@ -338,7 +337,8 @@ def run_interleaved(jobs: list[dict], settings: dict, args: argparse.Namespace, 
             elif result["status"] == "ok" and previous["status"] == "ok":
                 for key, entry in result["settings"].items():
                     previous["settings"].setdefault(key, {"runs": []})["runs"] += entry["runs"]
-                previous["peak_rss_bytes"] = max(previous["peak_rss_bytes"], result["peak_rss_bytes"])
+                if result["peak_rss_bytes"] > previous["peak_rss_bytes"]:  # the split of the round with the peak
+                    previous.update({k: result[k] for k in result if k.endswith("_bytes") and k != "size_bytes"})
                 previous["load_seconds"] = min(previous["load_seconds"], result["load_seconds"])
     return list(merged.values())
 
@@ -373,15 +373,31 @@ def main(argv: list[str] | None = None) -> int:
     report = {"created": time.strftime("%Y-%m-%d %H:%M:%S"), "command": "xmtf-onnx bench " + " ".join(argv or []),
               "machine": machine(), "versions": versions(), "provider": args.provider, "threads": args.threads,
               "new_tokens": args.new_tokens, "prompt_tokens": args.prompt_tokens, "repeats": args.repeats,
+              "checkpoint_dtype": "bfloat16" if args.quick else "float32 (bfloat16 from 2B parameters)",
               "warmup": 1, "models": {}}
     progress = not args.no_progress
+    from .large import read_bandwidth
+
+    report["read_bandwidth_bytes_per_second"] = read_bandwidth(threads=args.threads)
+    _log(f"memory read bandwidth ({args.threads} threads): {report['read_bandwidth_bytes_per_second'] / 1e9:.1f} GB/s")
     for model in args.models:
         # A preset name, or a checkpoint folder (the tests use tiny ones)
         model_name = os.path.basename(os.path.normpath(model)) if os.path.isdir(model) else model
         work = os.path.join(args.work_dir, model_name)
         os.makedirs(work, exist_ok=True)
         _log(f"== {model_name}: preparing checkpoint, export and rival conversions (cached in {work})")
-        checkpoint = model if os.path.isdir(model) else prepare_checkpoint(model, os.path.join(work, "checkpoint"))
+        # fp32 as mT0 is published; bf16 (half the disk) for --quick and from 2B parameters. PyTorch fp32 then
+        # converts at load, and its peak RSS includes that.
+        from xmtf_onnx.export.families import family_for_model_type, parameter_count
+        from xmtf_onnx.export.presets import preset_config
+
+        if os.path.isdir(model):
+            checkpoint = model
+        else:
+            config = preset_config(model)
+            large = parameter_count(family_for_model_type(config.model_type), config) >= 2e9
+            dtype = "bfloat16" if args.quick or large else "float32"
+            checkpoint = prepare_checkpoint(model, os.path.join(work, f"checkpoint-{dtype}"), dtype)
         export_dir = os.path.join(work, "xmtf")
         from xmtf_onnx.runtime.errors import ManifestError
         from xmtf_onnx.runtime.manifest import read_manifest
@@ -414,8 +430,11 @@ def main(argv: list[str] | None = None) -> int:
             summarize(result)
             if result["status"] != "ok":
                 _log(f"   {result['name']}: FAILED {result.get('error')}")
+        from .large import decode_bytes
+
         report["models"][model_name] = {
             "kind": manifest.kind, "num_parameters": manifest.data["num_parameters"],
+            "decode_bytes": {variant: decode_bytes(manifest, variant) for variant in manifest.variants},
             "settings": {k: {"batch": v["batch"], "beams": v["beams"], "prompt_lengths": [len(r) for r in v["rows"]]}
                          for k, v in settings.items()},
             "backends": results,

@@ -25,6 +25,21 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def resident_split() -> dict:
+    """Where the resident memory is at the end: anonymous (heap: packed weight copies, activations, caches) and
+    file-backed (memory-mapped weights; clean pages the kernel can drop and re-read)."""
+    found = {}
+    try:
+        with open("/proc/self/status", encoding="utf-8") as handle:
+            for line in handle:
+                key = line.split(":")[0]
+                if key in ("RssAnon", "RssFile"):
+                    found[f"{key.lower().replace('rss', 'rss_')}_bytes"] = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return found
+
+
 def main(spec_path: str) -> int:
     started = time.perf_counter()
     with open(spec_path, encoding="utf-8") as handle:
@@ -54,6 +69,7 @@ def main(spec_path: str) -> int:
         result["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:400] if str(e) else ''}"
         result["traceback"] = traceback.format_exc()[-2000:]
     result["peak_rss_bytes"] = peak_rss_bytes()
+    result.update(resident_split())
     print(json.dumps(result))
     return 0
 
