@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
-import json
 import os
 import re
 import shutil
@@ -22,7 +21,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from xmtf_onnx.runtime.manifest import OPTIONAL_ROLES, read_manifest
+from xmtf_onnx.runtime.manifest import OPTIONAL_ROLES, read_manifest, write_manifest
 
 from .errors import ExportError, OutputExistsError
 from .exporter import file_entry
@@ -203,6 +202,23 @@ def check_options(block_size: int, keep_fp32, name: str | None) -> tuple[str, ..
     return patterns
 
 
+@contextlib.contextmanager
+def variant_folder(folder: str, name: str):
+    """A temporary subfolder to write variant `name` into, renamed to folder/name when the block succeeds (an
+    older one replaced) and removed when it fails: a variant appears complete or not at all."""
+    partial = tempfile.mkdtemp(prefix=f".{name}.partial-", dir=folder)
+    os.chmod(partial, 0o755)  # mkdtemp's 0700 would hide the variant from a service running as another user
+    try:
+        yield partial
+        final = os.path.join(folder, name)
+        if os.path.exists(final):
+            shutil.rmtree(final)
+        os.rename(partial, final)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+
+
 def add_variant(folder: str, manifest: dict, mode: str, block_size: int = DEFAULT_BLOCK_SIZE,
                 keep_fp32=None, name: str | None = None) -> str:
     """Write variant `name` (default: the mode's name) under folder/name/ and add it to `manifest` (the caller
@@ -213,24 +229,15 @@ def add_variant(folder: str, manifest: dict, mode: str, block_size: int = DEFAUL
     mode = resolve_mode(mode)
     patterns = check_options(block_size, default_keep_fp32(mode) if keep_fp32 is None else keep_fp32, name)
     name = name or mode
-    partial = tempfile.mkdtemp(prefix=f".{name}.partial-", dir=folder)
-    os.chmod(partial, 0o755)  # mkdtemp's 0700 would hide the variant from a service running as another user
     kept: dict[str, list[str]] = {}
-    try:
-        details: dict = {}
-        fp32_files = manifest["variants"]["fp32"]["files"]
-        roles = [role for role in fp32_files if role not in OPTIONAL_ROLES]
+    details: dict = {}
+    fp32_files = manifest["variants"]["fp32"]["files"]
+    roles = [role for role in fp32_files if role not in OPTIONAL_ROLES]
+    with variant_folder(folder, name) as partial:
         for role in roles:
             entry = fp32_files[role]
             details, kept[role] = _quantize_graph(os.path.join(folder, entry["path"]),
                                                   os.path.join(partial, f"{role}.onnx"), mode, block_size, patterns)
-        final = os.path.join(folder, name)
-        if os.path.exists(final):
-            shutil.rmtree(final)
-        os.rename(partial, final)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
     files = {role: file_entry(folder, os.path.join(name, f"{role}.onnx")) for role in roles}
     if "screen" in fp32_files and "lm_head" in kept.get("head", []):
         files["screen"] = fp32_files["screen"]  # the head is still the fp32 projection the screen bounds
@@ -258,9 +265,5 @@ def quantize_folder(folder: str, mode: str, force: bool = False, block_size: int
         raise OutputExistsError(f"{folder} already has variant {name}; pass --force to rebuild it.")
     data = manifest.data
     add_variant(folder, data, mode, block_size, keep_fp32, name)
-    temporary = os.path.join(folder, ".xmtf_manifest.json.partial")
-    with open(temporary, "w", encoding="utf-8") as handle:
-        json.dump(data, handle, indent=2)
-        handle.write("\n")
-    os.replace(temporary, os.path.join(folder, "xmtf_manifest.json"))
+    write_manifest(folder, data)
     return name

@@ -39,6 +39,36 @@ class GenerationConfig:
     output_scores: bool
 
 
+@dataclass(frozen=True)
+class Vocabulary:
+    """A restricted head's columns: logit column c is token ids[c]. The ids ascend, so the lowest column among equal
+    logits is the lowest token id (transformers' tie-break) and beam candidates keep their order."""
+
+    ids: np.ndarray  # [columns] int64, ascending
+
+    def tokens(self, columns: np.ndarray) -> np.ndarray:
+        return self.ids[columns]
+
+    def columns(self, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(the column of each token, whether the head has it) for tokens of any shape."""
+        position = np.minimum(np.searchsorted(self.ids, tokens), len(self.ids) - 1)
+        return position, self.ids[position] == tokens
+
+
+def token_ids(vocabulary: Vocabulary | None, columns: np.ndarray) -> np.ndarray:
+    """Token ids of logit columns (the identity for a full head)."""
+    return columns if vocabulary is None else vocabulary.tokens(columns)
+
+
+def _present(vocabulary: Vocabulary | None, tokens) -> np.ndarray:
+    """The columns of those tokens the head has (all of them for a full head)."""
+    tokens = np.asarray(tokens, dtype=np.int64)
+    if vocabulary is None:
+        return tokens
+    columns, found = vocabulary.columns(tokens)
+    return columns[found]
+
+
 @dataclass
 class Hypothesis:
     tokens: list[int]
@@ -61,16 +91,20 @@ class StepTimer:
             self.step_seconds.append(seconds)
 
 
-# ---- logits processors: scores [rows, vocab], history [rows, length] -> scores (in place) ----
+# ---- logits processors: scores [rows, columns], history [rows, length] -> scores (in place) ----
+# History and eos are token ids; a restricted head's columns are the tokens of its Vocabulary (None: all tokens).
 
 def penalized(scores: np.ndarray, penalty: float) -> np.ndarray:
     """transformers' repetition penalty on the scores of tokens already seen (lower them when penalty > 1)."""
     return np.where(scores < 0, scores * np.float32(penalty), scores / np.float32(penalty))
 
 
-def apply_repetition_penalty(scores: np.ndarray, history: np.ndarray, penalty: float) -> None:
-    rows = np.arange(scores.shape[0])[:, None]
-    scores[rows, history] = penalized(scores[rows, history], penalty)
+def apply_repetition_penalty(scores: np.ndarray, history: np.ndarray, penalty: float,
+                             vocabulary: Vocabulary | None = None) -> None:
+    rows = np.broadcast_to(np.arange(scores.shape[0])[:, None], history.shape)
+    columns, found = (history, slice(None)) if vocabulary is None else vocabulary.columns(history)
+    rows, columns = rows[found], columns[found]
+    scores[rows, columns] = penalized(scores[rows, columns], penalty)
 
 
 def banned_ngram_tokens(history: np.ndarray, size: int) -> list[list[int]]:
@@ -86,24 +120,27 @@ def banned_ngram_tokens(history: np.ndarray, size: int) -> list[list[int]]:
     return banned
 
 
-def apply_no_repeat_ngram(scores: np.ndarray, history: np.ndarray, size: int) -> None:
+def apply_no_repeat_ngram(scores: np.ndarray, history: np.ndarray, size: int,
+                          vocabulary: Vocabulary | None = None) -> None:
     for row, tokens in enumerate(banned_ngram_tokens(history, size)):
         if tokens:
-            scores[row, tokens] = NEG_INF
+            scores[row, _present(vocabulary, tokens)] = NEG_INF
 
 
-def apply_min_new_tokens(scores: np.ndarray, generated: int, config: GenerationConfig) -> None:
+def apply_min_new_tokens(scores: np.ndarray, generated: int, config: GenerationConfig,
+                         vocabulary: Vocabulary | None = None) -> None:
     if generated < config.min_new_tokens and config.eos_token_id:
-        scores[:, list(config.eos_token_id)] = NEG_INF
+        scores[:, _present(vocabulary, config.eos_token_id)] = NEG_INF
 
 
-def process(scores: np.ndarray, history: np.ndarray, generated: int, config: GenerationConfig) -> np.ndarray:
+def process(scores: np.ndarray, history: np.ndarray, generated: int, config: GenerationConfig,
+            vocabulary: Vocabulary | None = None) -> np.ndarray:
     """transformers' processor order: repetition penalty, no-repeat n-gram, min new tokens."""
     if config.repetition_penalty != 1.0:
-        apply_repetition_penalty(scores, history, config.repetition_penalty)
+        apply_repetition_penalty(scores, history, config.repetition_penalty, vocabulary)
     if config.no_repeat_ngram_size > 0:
-        apply_no_repeat_ngram(scores, history, config.no_repeat_ngram_size)
-    apply_min_new_tokens(scores, generated, config)
+        apply_no_repeat_ngram(scores, history, config.no_repeat_ngram_size, vocabulary)
+    apply_min_new_tokens(scores, generated, config, vocabulary)
     return scores
 
 
@@ -135,7 +172,8 @@ def greedy_tokens(runner, hidden: np.ndarray, history: np.ndarray, generated: in
     tokens = np.empty(rows, np.int64)
     uncertain = np.arange(rows)
     if runner.has_screen:
-        ids, exact, rest = runner.screen(hidden, runner.screen_candidates)
+        columns, exact, rest = runner.screen(hidden, runner.screen_candidates)
+        ids = token_ids(runner.vocabulary, columns)
         exact = process_candidates(exact, ids, history, generated, config)
         best = exact.max(axis=1)
         # transformers' argmax takes the first of equal maxima: the lowest id among the candidates that tie
@@ -144,8 +182,8 @@ def greedy_tokens(runner, hidden: np.ndarray, history: np.ndarray, generated: in
         timer.screened_rows += rows - uncertain.size
     if uncertain.size:
         timer.full_rows += uncertain.size
-        scores = process(runner.logits(hidden[uncertain]), history[uncertain], generated, config)
-        tokens[uncertain] = np.argmax(scores, axis=-1)
+        scores = process(runner.logits(hidden[uncertain]), history[uncertain], generated, config, runner.vocabulary)
+        tokens[uncertain] = token_ids(runner.vocabulary, np.argmax(scores, axis=-1))
     return tokens
 
 
@@ -243,15 +281,17 @@ def sample_tokens(runner, state, config: GenerationConfig, stop_check: Callable 
             tokens = greedy_tokens(runner, hidden, history, generated, config, timer)
         else:
             timer.full_rows += rows
-            scores = process(runner.logits(hidden), history, generated, config)  # the step's own buffer
+            scores = process(runner.logits(hidden), history, generated, config, runner.vocabulary)  # its own buffer
             if config.do_sample:
                 scores = warp(scores, config)
                 probabilities = softmax(scores.astype(np.float64))
-                tokens = np.array([rng.choice(p.shape[0], p=p) for p in probabilities], dtype=np.int64)
+                columns = np.array([rng.choice(p.shape[0], p=p) for p in probabilities], dtype=np.int64)
             else:
-                tokens = np.argmax(scores, axis=-1).astype(np.int64)
+                columns = np.argmax(scores, axis=-1).astype(np.int64)
+            tokens = token_ids(runner.vocabulary, columns)
         timer.record(generated, time.perf_counter() - began)  # a step: the model's calls and the choice
-        token_scores = (np.take_along_axis(log_softmax_inplace(scores), tokens[:, None], axis=1)[:, 0]
+        # log-probabilities over the head's tokens (a restricted head: over the allowed set)
+        token_scores = (np.take_along_axis(log_softmax_inplace(scores), columns[:, None], axis=1)[:, 0]
                         if config.output_scores else None)
         tokens = np.where(running, tokens, config.pad_token_id)
         history = np.concatenate([history, tokens[:, None]], axis=1)
@@ -313,7 +353,7 @@ def run_beam_search(runner, state, config: GenerationConfig, stop_check, timer: 
         history = running_sequences[:, :, :cur_len].reshape(rows, cur_len)
         timer.full_rows += rows
         log_probs = log_softmax_inplace(np.asarray(logits, dtype=np.float32))  # [rows, vocab], the step's own buffer
-        log_probs = process(log_probs, history, cur_len - prompt_length, config)
+        log_probs = process(log_probs, history, cur_len - prompt_length, config, runner.vocabulary)
         vocab = log_probs.shape[-1]
         if config.do_sample:
             log_probs = warp(log_probs, config)
@@ -324,12 +364,13 @@ def run_beam_search(runner, state, config: GenerationConfig, stop_check, timer: 
             topk_log_probs = np.take_along_axis(accumulated, candidates, axis=1)
         else:
             candidates, topk_log_probs = beam_candidates(log_probs, running_scores, beams_to_keep)  # [batch, keep]
-        source_beam, topk_ids = candidates // vocab, candidates % vocab
+        source_beam, topk_columns = candidates // vocab, candidates % vocab
+        topk_ids = token_ids(runner.vocabulary, topk_columns)
         timer.record(cur_len - prompt_length, time.perf_counter() - began)  # the model's calls and the ranking
         topk_sequences = np.take_along_axis(running_sequences, source_beam[:, :, None], axis=1)
         topk_sequences[:, :, cur_len] = topk_ids
         topk_token_scores = np.take_along_axis(running_token_scores, source_beam[:, :, None], axis=1)
-        topk_token_scores[:, :, cur_len - prompt_length] = log_probs[source_beam + batch_offset, topk_ids]
+        topk_token_scores[:, :, cur_len - prompt_length] = log_probs[source_beam + batch_offset, topk_columns]
 
         hits = np.isin(topk_ids, eos) | (cur_len + 1 >= max_length)
         if stop_check is not None:

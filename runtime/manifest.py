@@ -152,6 +152,10 @@ def _check_paths(folder: str, manifest_path: str, data: dict[str, Any]) -> None:
 
 
 def write_manifest(folder: str, data: dict[str, Any]) -> None:
-    with open(os.path.join(folder, MANIFEST_NAME), "w", encoding="utf-8") as handle:
+    """Written beside and renamed over the old one: a reader sees the old manifest or the new, never half of one."""
+    temporary = os.path.join(folder, f".{MANIFEST_NAME}.partial")
+    with open(temporary, "w", encoding="utf-8") as handle:
         json.dump(data, handle, indent=2, sort_keys=False)
         handle.write("\n")
+    os.chmod(temporary, 0o644)
+    os.replace(temporary, os.path.join(folder, MANIFEST_NAME))

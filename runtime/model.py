@@ -12,8 +12,8 @@ import numpy as np
 import onnxruntime as ort
 
 from .errors import GenerationInputError, ManifestError
-from .generation import (GenerationConfig, Hypothesis, StepTimer, log_softmax_inplace, run_beam_search, run_sampling,
-                         sample_tokens)
+from .generation import (GenerationConfig, Hypothesis, StepTimer, Vocabulary, log_softmax_inplace, run_beam_search,
+                         run_sampling, sample_tokens)
 from .manifest import OPTIONAL_ROLES, ROLES, Manifest, read_manifest
 from .runners import RUNNERS
 from .session import make_session, resolve_provider
@@ -63,6 +63,10 @@ class Model:
         self.runner = RUNNERS[self.kind](manifest, self.sessions, self.device)
         self.tokens = manifest.tokens
         self.vocab_size = int(self.tokens["vocab_size"])
+        self.restricted = entry.get("restricted")  # None, or what `xmtf-onnx restrict` recorded (base, rows, coverage)
+        if self.restricted:
+            self.runner.vocabulary = _restricted_vocabulary(manifest, entry, self.vocab_size)
+            self.runner.screen_candidates = min(self.runner.screen_candidates, len(self.runner.vocabulary.ids) - 1)
         self.tokenizer = _load_tokenizer(manifest)
         self.defaults = dict(LIBRARY_DEFAULTS)
         self.defaults.update({k: v for k, v in manifest.data.get("generation_defaults", {}).items()
@@ -233,8 +237,14 @@ class Model:
         ids, mask = self._batch(rows, pad)
         state = self.runner.begin(ids, mask, 1, steps)
         hidden = self.runner.prefill(state)  # [batch, d]
+        vocabulary = self.runner.vocabulary
         for step in range(steps):
-            yield log_softmax_inplace(self.runner.logits(hidden))  # [batch, vocab]
+            log_probs = log_softmax_inplace(self.runner.logits(hidden))  # [batch, columns]
+            if vocabulary is not None:  # every token: those the restricted head cannot produce are -inf
+                full = np.full((log_probs.shape[0], self.vocab_size), -np.inf, np.float32)
+                full[:, vocabulary.ids] = log_probs
+                log_probs = full
+            yield log_probs  # [batch, vocab]
             if step + 1 < steps:
                 hidden = self.runner.decode_step(state, forced[:, step], np.arange(len(rows), dtype=np.int64))
 
@@ -343,6 +353,16 @@ def _validated_config(values: dict[str, Any], tokens: dict[str, Any], vocab_size
         repetition_penalty=repetition_penalty, do_sample=do_sample, temperature=temperature,
         top_k=integer("top_k", 0), top_p=top_p, seed=seed, output_scores=bool(values["output_scores"]),
     )
+
+
+def _restricted_vocabulary(manifest: Manifest, entry: dict, vocab_size: int) -> Vocabulary:
+    """The token ids of a restricted variant's logit columns (its `vocabulary` file, int64, ascending)."""
+    path = manifest.path(entry["files"]["vocabulary"]["path"])
+    ids = np.fromfile(path, dtype="<i8")
+    if ids.size < 2 or (np.diff(ids) <= 0).any() or ids[0] < 0 or ids[-1] >= vocab_size:
+        raise ManifestError(f"{path} is not an ascending list of token ids in [0, {vocab_size}); "
+                            "make the variant again with `xmtf-onnx restrict`.")
+    return Vocabulary(ids.astype(np.int64))
 
 
 def _clean_up_tokenization(text: str) -> str:

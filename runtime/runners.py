@@ -73,6 +73,7 @@ class Runner:
         self.present_names = [n for i in layers for n in (cache["present_key"].format(layer=i),
                                                           cache["present_value"].format(layer=i))]
         vocab = int(manifest.tokens["vocab_size"])
+        self.vocabulary = None  # a restricted variant's Vocabulary: which token each logit column is (Model sets it)
         self.screen_candidates = max(1, min(int(manifest.data.get("greedy_screen", {}).get("default_candidates", 128)),
                                             vocab - 1))
 
@@ -113,7 +114,8 @@ class Runner:
                 for name, buffer in zip(self.present_names, state.buffers[state.flip])}
 
     def logits(self, hidden: np.ndarray) -> np.ndarray:
-        """hidden [rows, d] -> logits [rows, vocab], a fresh buffer the caller may overwrite."""
+        """hidden [rows, d] -> logits [rows, columns] (every token, or a restricted variant's), a fresh buffer the
+        caller may overwrite."""
         return _run(self.sessions["head"], self.device, {"hidden": hidden}, {}, [], ["logits"])[0].numpy()
 
     @property
