@@ -59,7 +59,9 @@ def measure(export_dir: str, rows: list[list[int]], new_tokens: int, threads: in
     from xmtf_onnx.runtime import load
     from xmtf_onnx.runtime.manifest import read_manifest
 
-    variants = [v for v in read_manifest(export_dir).variants if v != "fp32"]
+    # Restricted variants are left out: fp32's probability on the tokens they cannot produce makes the KL infinite.
+    variants = [v for v, entry in read_manifest(export_dir).variants.items()
+                if v != "fp32" and not entry.get("restricted")]
     if not variants:
         return {}
     reference = load(export_dir, provider=provider, threads=threads, verify=False)

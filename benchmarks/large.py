@@ -98,29 +98,24 @@ def read_bandwidth(size: int = 1 << 30, threads: int | None = None) -> float:
 
 
 def decode_bytes(manifest, variant: str) -> int:
-    """Bytes read per generated greedy token at B=1: the files of the decoder and of the head, less those the encoder
-    reads too (mT0's shared embedding table: a decode step gathers a few rows of it). Where the variant has a greedy
-    screen, greedy reads the screen's 8-bit copy of the projection (and 128 of the fp32 rows) instead of the head."""
-    files = manifest.variant(variant)["files"]
-    paths = lambda role: {item["path"]: item["bytes"] for item in files[role].get("data", [])}  # noqa: E731
-    encoder = paths("encoder") if "encoder" in files else {}
-    head = paths("head")
-    skipped = 0
-    if "screen" in files:
-        if set(head) <= set(paths("decoder")):  # BLOOM: the head is the decoder's tied embedding table
-            skipped = _initializer_bytes(manifest.path(files["head"]["path"]))
-        head = {path: size for path, size in paths("screen").items() if path not in head}
-    step = {**paths("decoder"), **head}
-    return sum(size for path, size in step.items() if path not in encoder) - skipped
-
-
-def _initializer_bytes(graph_path: str) -> int:
-    """Bytes of a graph's external-data initializers, from the graph alone (the data is not read)."""
+    """Bytes of weights one greedy decode step reads at B=1: every external initializer of the decoder graph and of
+    the head (or, where the variant has one, the greedy screen) counted once, except the tables read through a
+    Gather (the embedding, the screen's exact rows: a step reads a few rows of them)."""
     import onnx
 
-    graph = onnx.load(graph_path, load_external_data=False).graph
-    return sum(int(entry.value) for tensor in graph.initializer for entry in tensor.external_data
-               if entry.key == "length")
+    files = manifest.variant(variant)["files"]
+    read: dict[tuple[str, int], int] = {}
+    for role in ("decoder", "screen" if "screen" in files else "head"):
+        path = manifest.path(files[role]["path"])
+        graph = onnx.load(path, load_external_data=False).graph
+        gathered = {name for node in graph.node if node.op_type in ("Gather", "GatherBlockQuantized")
+                    for name in node.input[:1]}
+        for tensor in graph.initializer:
+            info = {entry.key: entry.value for entry in tensor.external_data}
+            if "location" in info and tensor.name not in gathered:
+                where = os.path.normpath(os.path.join(os.path.dirname(path), info["location"]))
+                read[(where, int(info.get("offset", 0)))] = int(info["length"])
+    return sum(read.values())
 
 
 def _reset_peak() -> None:

@@ -17,9 +17,10 @@ def _is_rival(name: str) -> bool:
 
 def _precision(name: str) -> str:
     """A backend's class: fp32, 8-bit or 4-bit weights; a variant is compared with the rivals of its own class."""
-    if name.endswith(("fp32", "float32", " f32")):
+    words = name.replace("-", " ").split()  # "xmtf int4-weight-32k" (a restricted variant) is 4-bit too
+    if {"fp32", "float32", "f32"} & set(words):
         return "fp32"
-    return "4-bit" if name.endswith(("int4-weight", "q4_0")) else "8-bit"
+    return "4-bit" if {"int4", "q4_0"} & set(words) else "8-bit"
 
 
 def markdown(report: dict) -> str:
@@ -75,6 +76,7 @@ def markdown(report: dict) -> str:
             lines.append("| " + " | ".join(row) + " |")
         lines.append("")
         lines += _roofline_lines(model, report.get("read_bandwidth_bytes_per_second"))
+        lines += _restricted_lines(model.get("restricted"))
         lines += _screen_lines(model["backends"])
         lines += _fidelity_lines(model.get("fidelity"))
     lines += [f"Reproduce: `{report['command']}`", ""]
@@ -104,6 +106,19 @@ def _roofline_lines(model: dict, bandwidth: float | None) -> list[str]:
                   if rival else "–")
         lines.append(f"| xmtf {variant} | {size / 1e6:.0f} | {roof:.0f} | {decode:.1f} | {decode / roof * 100:.0f}% | "
                      f"{_fmt(rival_decode)} | {ratios} |")
+    return lines + [""]
+
+
+def _restricted_lines(restricted: dict | None) -> list[str]:
+    if not restricted:
+        return []
+    lines = ["Restricted-vocabulary variants (`xmtf-onnx restrict`; random weights: the coverage is a property of the "
+             "corpus and tokenizer only):", "", "| variant | base | output rows | kept share | corpus coverage |",
+             "|---|---|---|---|---|"]
+    for name, entry in restricted.items():
+        share = (entry.get("coverage") or {}).get("corpus_share")
+        lines.append(f"| xmtf {name} | {entry['base']} | {entry['rows']} | {entry['kept_share'] * 100:.1f}% | "
+                     f"{_fmt(share * 100 if share is not None else None)}% |")
     return lines + [""]
 
 

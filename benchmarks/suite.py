@@ -62,6 +62,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="threads for every backend")
     parser.add_argument("--provider", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--quantize", default="int8", help="xmtf variants to add to each export ('' for none)")
+    parser.add_argument("--restrict", default="", metavar="ROWS",
+                        help="comma-separated row counts (e.g. 16000,32000): add restricted-vocabulary variants of "
+                             "fp32 and each quantized variant, keeping the tokens of ../shared/data prompts by "
+                             "frequency (then the lowest ids) up to ROWS; the table gives the rows and coverage")
     parser.add_argument("--no-fp32", action="store_true",
                         help="quantized only, for the large presets: xmtf exports without the fp32 variant and the "
                              "rivals convert only their int8 form (CTranslate2 loading the checkpoint in fp16)")
@@ -238,6 +242,33 @@ def shared_prompt_ids(limit: int | None = None, vocab: int | None = None) -> lis
     tokenizer.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=8000, show_progress=False))
     span = (vocab - 4) if vocab else None  # ids 0-3 are special in both families: never prompt them
     return [[4 + (i % span if span else i) for i in e.ids] for e in tokenizer.encode_batch(texts) if e.ids]
+
+
+def add_restricted(export_dir: str, sizes: list[int], vocab: int, work: str) -> None:
+    """Restricted variants of every full variant, one per size: the shared prompts' tokens (under the run's BPE, as
+    the prompts are) by frequency, then the lowest remaining ids, up to `size` rows; special tokens always kept."""
+    from xmtf_onnx.export.restrict import restrict
+    from xmtf_onnx.runtime.manifest import read_manifest, write_manifest
+
+    corpus = [t for row in shared_prompt_ids(vocab=vocab) for t in row]
+    counts = np.bincount(np.array(corpus, np.int64), minlength=vocab) if corpus else np.zeros(vocab, np.int64)
+    ranked = np.lexsort((np.arange(vocab), -counts))  # most frequent first, then ascending ids
+    manifest = read_manifest(export_dir)
+    for size in sizes:
+        ids_path = os.path.join(work, f"restrict-{size}.txt")
+        with open(ids_path, "w", encoding="utf-8") as handle:
+            handle.write(" ".join(map(str, sorted(ranked[:size].tolist()))))
+        for base in [v for v, entry in manifest.variants.items() if not entry.get("restricted")]:
+            name = f"{base}-{size // 1000}k" if size % 1000 == 0 else f"{base}-{size}"
+            if name not in manifest.variants:
+                _log(f"   restricting {base} to {size} rows ({name})")
+                record = restrict(export_dir, name, token_ids=ids_path, variant=base)
+                covered = counts[sorted(ranked[:size].tolist())].sum() / max(1, counts.sum())
+                record["coverage"] = {"corpus": "../shared/data/prompts.jsonl under the run's BPE" if corpus
+                                      else "none (../shared/data absent)", "corpus_share": float(covered)}
+                manifest = read_manifest(export_dir)
+                manifest.data["variants"][name]["restricted"]["coverage"] = record["coverage"]
+                write_manifest(export_dir, manifest.data)
 
 
 def fidelity_rows(vocab: int, count: int) -> tuple[list[list[int]], str]:
@@ -417,6 +448,9 @@ def main(argv: list[str] | None = None) -> int:
 
         manifest = read_manifest(export_dir)
         vocab = manifest.data["tokenizer"]["vocab_size"] if manifest.data.get("tokenizer") else manifest.tokens["vocab_size"]
+        if args.restrict:
+            add_restricted(export_dir, [int(r) for r in args.restrict.split(",") if r], vocab, work)
+            manifest = read_manifest(export_dir)
         rivals = prepare_rivals(checkpoint, work, args.backends, manifest.kind == "seq2seq",
                                 args.quantized_rivals_only, args.llama_cpp, args.threads)
         settings = {}
@@ -435,6 +469,8 @@ def main(argv: list[str] | None = None) -> int:
         report["models"][model_name] = {
             "kind": manifest.kind, "num_parameters": manifest.data["num_parameters"],
             "decode_bytes": {variant: decode_bytes(manifest, variant) for variant in manifest.variants},
+            "restricted": {variant: {k: entry["restricted"][k] for k in ("base", "rows", "kept_share", "coverage")}
+                           for variant, entry in manifest.variants.items() if entry.get("restricted")},
             "settings": {k: {"batch": v["batch"], "beams": v["beams"], "prompt_lengths": [len(r) for r in v["rows"]]}
                          for k, v in settings.items()},
             "backends": results,

@@ -25,7 +25,7 @@ from xmtf_onnx.runtime.manifest import ROLES, read_manifest, sha256_of, write_ma
 
 from .errors import ExportError, OutputExistsError
 
-HEAD_OPS = ("Gemm", "DynamicQuantizeMatMul", "MatMulNBits")
+HEAD_OPS = ("Gemm", "MatMulNBits", "DynamicQuantizeMatMul", "MatMulInteger", "MatMul")  # the first one found names it
 VOCABULARY_FILE = "vocabulary.ids"  # int64 little-endian token ids, ascending: logit column c is token ids[c]
 
 
@@ -94,15 +94,19 @@ def _tensor_array(tensor: onnx.TensorProto, folder: str) -> np.ndarray:
 
 
 def _head_node(model: onnx.ModelProto, path: str) -> onnx.NodeProto:
-    nodes = [node for node in model.graph.node if node.op_type in HEAD_OPS]
-    if len(nodes) != 1:
-        raise RestrictError(f"{path} is not a head this version can restrict (one of {', '.join(HEAD_OPS)}); "
-                            "export the model again.")
-    return nodes[0]
+    for op_type in HEAD_OPS:
+        nodes = [node for node in model.graph.node if node.op_type == op_type]
+        if nodes:
+            return nodes[0]
+    raise RestrictError(f"{path} has no output projection this version can restrict (one of {', '.join(HEAD_OPS)}); "
+                        "export the model again.")
 
 
-def _restricted_quantized_head(head_path: str, kept: np.ndarray, target: str) -> None:
-    """The base's quantized head with only the kept output rows: the stored bytes of those rows, copied."""
+def _restricted_quantized_head(head_path: str, kept: np.ndarray, target: str, vocab: int) -> None:
+    """The base's quantized head with only the kept output rows: the stored bytes of those rows, copied.
+    MatMulNBits keeps N rows of blocks (and their scales); any other head (DynamicQuantizeMatMul, MatMulInteger:
+    int8 columns [d, V] with per-column scales) is cut along the axis of its initializers that has the logits'
+    width."""
     from .graph import WeightFile
 
     model = onnx.load(head_path, load_external_data=False)
@@ -110,22 +114,23 @@ def _restricted_quantized_head(head_path: str, kept: np.ndarray, target: str) ->
     source_folder = os.path.dirname(head_path)
     tensors = {tensor.name: tensor for tensor in model.graph.initializer}
     selected: dict[str, np.ndarray] = {}
-    inputs = list(node.input)
-    if node.op_type == "DynamicQuantizeMatMul":  # B [d, V] int8 per-channel columns, scale (and zero point) [V]
-        selected[inputs[1]] = _tensor_array(tensors[inputs[1]], source_folder)[:, kept]
-        for name in inputs[2:4]:
-            if name in tensors and tuple(tensors[name].dims) != ():
-                selected[name] = _tensor_array(tensors[name], source_folder)[kept]
-    else:  # MatMulNBits: B [N, blocks, blob], scales [N * blocks] or [N, blocks] (and zero points by row)
+    if node.op_type == "MatMulNBits":  # B [N, blocks, blob], scales [N * blocks] or [N, blocks], zero points by row
         for attribute in node.attribute:
             if attribute.name == "N":
-                vocab = attribute.i
                 attribute.i = len(kept)
+        inputs = list(node.input)
         selected[inputs[1]] = _tensor_array(tensors[inputs[1]], source_folder)[kept]
         for name in inputs[2:4]:
             if name in tensors:
                 array = _tensor_array(tensors[name], source_folder)
                 selected[name] = array.reshape(vocab, -1)[kept].reshape((-1,) if array.ndim == 1 else (len(kept), -1))
+    else:
+        for name, tensor in tensors.items():
+            axes = [axis for axis, size in enumerate(tensor.dims) if size == vocab]
+            if len(axes) == 1:
+                selected[name] = np.take(_tensor_array(tensor, source_folder), kept, axis=axes[0])
+    if not selected:
+        raise RestrictError(f"{head_path} holds no weight of the logits' width {vocab}; export the model again.")
     weights = WeightFile("head.onnx.data").bind(target)
     for tensor in model.graph.initializer:
         if tensor.data_location != onnx.TensorProto.EXTERNAL and tensor.name not in selected:
@@ -134,7 +139,8 @@ def _restricted_quantized_head(head_path: str, kept: np.ndarray, target: str) ->
         array = _tensor_array(tensor, source_folder) if array is None else array
         weights.add(tensor.name, np.ascontiguousarray(array))
         placement = weights.placements[tensor.name]
-        tensor.ClearField("raw_data")
+        for data_field in ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
+            tensor.ClearField(data_field)
         del tensor.dims[:]
         tensor.dims.extend(placement.shape)
         tensor.data_location = onnx.TensorProto.EXTERNAL
@@ -221,7 +227,7 @@ def restrict(folder: str, name: str, *, texts: Sequence[str] = (), token_ids: st
         if head_op == "Gemm":
             roles = _restricted_fp32_head(head_path, kept, partial)
         else:
-            _restricted_quantized_head(head_path, kept, partial)
+            _restricted_quantized_head(head_path, kept, partial, vocab_size)
             roles = ["head"]
         kept.astype("<i8").tofile(os.path.join(partial, VOCABULARY_FILE))
     files = {role: base["files"][role] for role in ROLES[manifest.kind] if role != "head"}

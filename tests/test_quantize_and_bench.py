@@ -124,25 +124,29 @@ def test_bench_plumbing_on_tiny_models(mt5_checkpoint, bloom_checkpoint, tmp_pat
     from xmtf_onnx.benchmarks.suite import main
 
     code = main(["--models", f"{mt5_checkpoint},{bloom_checkpoint}", "--settings", "1x1,2x2", "--backends",
-                 "xmtf,pytorch", "--new-tokens", "4", "--repeats", "1", "--threads", "1", "--quantize", "int8",
-                 "--work-dir", str(tmp_path / "work"), "--out", str(tmp_path), "--no-progress"])
+                 "xmtf,pytorch", "--new-tokens", "4", "--repeats", "2", "--threads", "1", "--quantize", "int8",
+                 "--restrict", "300", "--work-dir", str(tmp_path / "work"), "--out", str(tmp_path), "--no-progress"])
     assert code == 0
     report = json.loads((tmp_path / "results.json").read_text())
-    assert {"machine", "versions", "threads", "provider", "new_tokens", "models"} <= set(report)
+    assert {"machine", "versions", "threads", "provider", "new_tokens", "models", "read_bandwidth_bytes_per_second"} \
+        <= set(report)
     for model in report["models"].values():
         names = [b["name"] for b in model["backends"]]
-        assert names == ["xmtf fp32", "xmtf int8-dynamic", "pytorch fp32"]
+        assert names == ["xmtf fp32", "xmtf int8-dynamic", "xmtf fp32-300", "xmtf int8-dynamic-300", "pytorch fp32"]
+        assert model["restricted"]["int8-dynamic-300"]["rows"] >= 300  # plus the special tokens
+        assert model["decode_bytes"]["int8-dynamic-300"] < model["decode_bytes"]["int8-dynamic"]
         for backend in model["backends"]:
             assert backend["status"] == "ok", backend.get("traceback")
-            assert backend["peak_rss_bytes"] > 0 and backend["size_bytes"] > 0
+            assert backend["peak_rss_bytes"] > 0 and backend["size_bytes"] > 0 and backend["rss_anon_bytes"] > 0
             for setting, entry in backend["settings"].items():
                 batch = model["settings"][setting]["batch"]
+                assert len(entry["runs"]) == 2  # one run per round, rounds interleaved
                 assert entry["tokens"] == batch * 4  # the generated length is forced
-                assert entry["tokens_per_second"] > 0
+                assert entry["tokens_per_second_best"] >= entry["tokens_per_second"] > 0
         fp32 = model["backends"][0]["settings"]
         assert 0 < fp32["1x1"]["screened_share"] <= 1 and "screened_share" not in fp32["2x2"]  # beams: full logits
     table = (tmp_path / "results.md").read_text()
-    assert "Greedy screen" in table
+    assert "Greedy screen" in table and "memory roofline" in table and "Restricted-vocabulary variants" in table
     assert "xmtf int8-dynamic" in table and "pytorch fp32" in table
     for model in report["models"].values():
         fidelity = model["fidelity"]["variants"]["int8-dynamic"]

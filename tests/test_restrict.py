@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 
@@ -11,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from xmtf_onnx.export import export
 from xmtf_onnx.export.errors import OutputExistsError
 from xmtf_onnx.export.quantize import quantize_folder
 from xmtf_onnx.export.restrict import RestrictError, restrict
@@ -22,13 +22,14 @@ from test_generate import _prompts, _reference_model, transformers_generate
 
 @pytest.fixture(scope="module")
 def restricted(family_exports, tmp_path_factory):
-    """Per family: a copy of the export with int4-weight, and restricted variants of fp32 and int4-weight that
+    """Per family: an export with int8 and int4 heads, and restricted variants of each that
     leave out some of the tokens the full model picks greedily (so the restriction changes the output)."""
     made = {}
-    for name, source in family_exports.items():
+    for name in family_exports:
         folder = tmp_path_factory.mktemp("restricted") / name
-        shutil.copytree(source, folder)
-        quantize_folder(str(folder), "int4-weight")
+        # built at export: DynamicQuantizeMatMul and MatMulNBits heads; onnxruntime's quantizer: MatMulInteger
+        export(_checkpoint(family_exports, name), folder, quantize=["int8-dynamic", "int4-weight"], progress=False)
+        quantize_folder(str(folder), "int8", name="int8-ort")
         model = load(folder)
         rows = _prompts({"name": name}, model, 3)
         greedy = model.generate(input_ids=rows, max_new_tokens=12, eos_token_id=[]).sequences
@@ -39,7 +40,7 @@ def restricted(family_exports, tmp_path_factory):
         allowed |= set(picked[1::2])
         ids_file = folder.parent / f"{name}-ids.txt"
         ids_file.write_text(" ".join(map(str, sorted(allowed))))
-        for variant in ("fp32", "int4-weight"):
+        for variant in ("fp32", "int4-weight", "int8-dynamic", "int8-ort"):
             restrict(str(folder), f"{variant}-r", token_ids=str(ids_file), variant=variant)
         made[name] = {"folder": folder, "rows": rows, "removed": set(picked[::2])}
     return made
@@ -105,11 +106,13 @@ def test_restricted_beams_equal_transformers_renormalised(restricted, family_exp
 
 
 @pytest.mark.parametrize("family_name", ["mt5", "bloom"])
-def test_restricted_quantized_head_is_the_base_heads_rows(restricted, family_name):
-    """int4-weight restricted: the stored rows are copied, so its logits are the base head's at the kept columns."""
+@pytest.mark.parametrize("variant, head", [("int4-weight", "MatMulNBits"), ("int8-dynamic", "DynamicQuantizeMatMul"),
+                                           ("int8-ort", "MatMulInteger")])
+def test_restricted_quantized_head_is_the_base_heads_rows(restricted, family_name, variant, head):
+    """A quantized head's stored rows are copied, so its logits are the base head's at the kept columns."""
     made = restricted[family_name]
-    base, model = load(made["folder"], variant="int4-weight"), load(made["folder"], variant="int4-weight-r")
-    assert model.restricted["base"] == "int4-weight" and model.restricted["head"] == "MatMulNBits"
+    base, model = load(made["folder"], variant=variant), load(made["folder"], variant=f"{variant}-r")
+    assert model.restricted["base"] == variant and model.restricted["head"] == head
     hidden = np.random.default_rng(1).standard_normal((3, base.runner.sessions["head"].get_inputs()[0].shape[1]))
     hidden = hidden.astype(np.float32)
     np.testing.assert_allclose(model.runner.logits(hidden), base.runner.logits(hidden)[:, model.runner.vocabulary.ids],
