@@ -41,10 +41,52 @@ convert_hf_to_gguf.main()
 FILE_TYPES = {"f32": 0, "q8_0": 7, "q4_0": 2}
 
 
+def _sentencepiece_view(checkpoint: str, work: str) -> str:
+    """llama.cpp converts a T5 vocabulary from spiece.model only; a checkpoint with only tokenizer.json (the bench's
+    presets: a word-level vocabulary) is given a folder of links to its files plus a SentencePiece model holding the
+    same pieces at the same ids (the speed does not depend on the tokenizer; prompts are token ids)."""
+    import json
+    import shutil
+
+    os.environ.setdefault("PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION", "python")
+    from sentencepiece import sentencepiece_model_pb2
+
+    with open(os.path.join(checkpoint, "tokenizer.json"), encoding="utf-8") as handle:
+        tokenizer = json.load(handle)
+    vocabulary = tokenizer["model"]["vocab"]
+    pieces = dict(vocabulary) if isinstance(vocabulary, dict) else {piece: i for i, (piece, _) in enumerate(vocabulary)}
+    special = {token["content"]: token["id"] for token in tokenizer.get("added_tokens", [])}
+    view = os.path.join(work, "sentencepiece-view")
+    shutil.rmtree(view, ignore_errors=True)
+    os.makedirs(view)
+    for name in os.listdir(checkpoint):
+        os.symlink(os.path.abspath(os.path.join(checkpoint, name)), os.path.join(view, name))
+    model = sentencepiece_model_pb2.ModelProto()
+    model.trainer_spec.model_type = 1  # unigram, as mT5's
+    ordered = sorted({**pieces, **special}.items(), key=lambda item: item[1])
+    if [index for _, index in ordered] != list(range(len(ordered))):
+        raise ValueError(f"{checkpoint}/tokenizer.json does not number its pieces 0..n-1; give the checkpoint a "
+                         "spiece.model")
+    for piece, _ in ordered:
+        entry = model.pieces.add()
+        entry.piece, entry.score = piece, 0.0
+        entry.type = 2 if piece == "<unk>" else (3 if piece in special or piece.startswith("<") else 1)
+    model.trainer_spec.unk_id = pieces.get("<unk>", special.get("<unk>", 2))
+    with open(os.path.join(view, "spiece.model"), "wb") as handle:
+        handle.write(model.SerializeToString())
+    return view
+
+
 def convert(checkpoint: str, source_tree: str, target: str, outtype: str = "f32") -> str:
     """checkpoint -> GGUF (f32 or f16) with llama.cpp's own converter; cached at target."""
+    import json
+
     if os.path.isfile(target):
         return target
+    with open(os.path.join(checkpoint, "config.json"), encoding="utf-8") as handle:
+        seq2seq = json.load(handle).get("is_encoder_decoder", False)
+    if seq2seq and not any(os.path.isfile(os.path.join(checkpoint, n)) for n in ("spiece.model", "tokenizer.model")):
+        checkpoint = _sentencepiece_view(checkpoint, os.path.dirname(target))
     script = os.path.join(source_tree, "convert_hf_to_gguf.py")
     if not os.path.isfile(script):
         raise FileNotFoundError(f"{script} is missing: pass a llama.cpp source folder with --llama-cpp (for example "
