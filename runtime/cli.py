@@ -1,4 +1,4 @@
-"""The `xmtf-onnx` command: export, quantize, generate, bench."""
+"""The `xmtf-onnx` command: export, quantize, restrict, generate, serve, bench."""
 
 from __future__ import annotations
 
@@ -84,6 +84,29 @@ def _restrict(args: argparse.Namespace) -> int:
               "made from" + (f", {held * 100:.2f}% of the {coverage['held_out_tokens']} held-out tokens"
                              if held is not None else ""))
     print(f"load it with load({args.folder!r}, variant={args.name!r}) or --variant {args.name}")
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import os
+
+    try:
+        import uvicorn
+
+        from .serve import Limits, Server, build_app
+    except ImportError as e:
+        print(f"error: serve needs the serve extra: pip install 'xmtf-onnx[serve]' ({e})", file=sys.stderr)
+        return FAILED
+    from .manifest import read_manifest
+
+    read_manifest(args.model_dir)  # a wrong folder fails here, before the server starts
+    limits = Limits(max_batch_size=args.max_batch_size, max_queue=args.max_queue, max_body_bytes=args.max_body_bytes,
+                    max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens, max_n=args.max_n,
+                    max_beams=args.max_beams, request_timeout=args.request_timeout, drain_seconds=args.drain_seconds)
+    server = Server(args.model_dir, args.variant, args.threads, limits,
+                    api_key=args.api_key or os.environ.get("XMTF_API_KEY"), name=args.name)
+    uvicorn.run(build_app(server), host=args.host, port=args.port, log_level="warning",
+                timeout_graceful_shutdown=int(args.drain_seconds))
     return 0
 
 
@@ -228,6 +251,39 @@ def build_parser() -> argparse.ArgumentParser:
     restrict.add_argument("--variant", help="the variant to restrict (default: the folder's default)")
     restrict.add_argument("--force", action="store_true", help="replace a variant of that name")
     restrict.set_defaults(handler=_restrict)
+
+    serve = commands.add_parser(
+        "serve", help="an OpenAI-compatible HTTP server over an exported folder (the serve extra)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Serve MODEL_DIR: POST /v1/completions (OpenAI's completions API; stream: true for SSE), GET\n"
+                    "/v1/models, /health, /ready, /metrics (Prometheus). Requests that arrive together and differ only\n"
+                    "in max_tokens and stop are batched into one decoder run per step; each is answered as soon as its\n"
+                    "own rows finish. A field a request leaves out takes the export's generation defaults (greedy), not\n"
+                    "OpenAI's; temperature 0 is greedy. Binds 127.0.0.1 unless --host says otherwise.",
+        epilog="examples:\n"
+               "  xmtf-onnx serve exported/mt0-small --variant int8 --port 8000\n"
+               "  curl -s localhost:8000/v1/completions -H 'Content-Type: application/json' \\\n"
+               "       -d '{\"prompt\": \"Translate to English: Je t\'aime.\", \"max_tokens\": 16}'")
+    serve.add_argument("model_dir", metavar="MODEL_DIR")
+    serve.add_argument("--variant", help="the variant to serve (default: the folder's default)")
+    serve.add_argument("--name", help="the model name clients send and /v1/models lists (default: the folder's name)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: the cores)")
+    serve.add_argument("--max-batch-size", type=int, default=16, help="sequences per batch (default 16)")
+    serve.add_argument("--max-queue", type=int, default=64, help="waiting requests before 429 (default 64)")
+    serve.add_argument("--api-key", help="require Authorization: Bearer KEY on every endpoint but /health "
+                                         "(or set XMTF_API_KEY)")
+    serve.add_argument("--max-tokens", type=int, default=512, help="the largest max_tokens a request may ask")
+    serve.add_argument("--max-prompt-tokens", type=int, default=1024, help="the longest prompt, in tokens")
+    serve.add_argument("--max-n", type=int, default=8, help="the largest n")
+    serve.add_argument("--max-beams", type=int, default=8, help="the largest num_beams")
+    serve.add_argument("--max-body-bytes", type=int, default=1 << 20, help="the largest request body (413 above)")
+    serve.add_argument("--request-timeout", type=float, default=120.0,
+                       help="seconds before a request is dropped with 504 (default 120)")
+    serve.add_argument("--drain-seconds", type=float, default=30.0,
+                       help="on SIGTERM, how long in-flight requests may finish (default 30)")
+    serve.set_defaults(handler=_serve)
 
     quantize = commands.add_parser("quantize", help="add quantized variants to an exported folder",
                                    description="Add quantized variants to FOLDER, recorded in its manifest.")

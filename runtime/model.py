@@ -175,6 +175,27 @@ class Model:
             hypotheses = run_sampling(self.runner, state, config, stop_check, timer)
         return self._output(hypotheses, config, timer)
 
+    def check_options(self, **options) -> None:
+        """Raise GenerationInputError if generate() would refuse these options (names and values)."""
+        self._config(options)
+
+    def steps(self, input_ids, **options) -> Iterator[tuple[list[int], list[bool], list[float] | None]]:
+        """Greedy or sampling over a batch of token id prompts, one step at a time, for callers that follow several
+        requests at once (the server): each step yields (the token of every row, whether each row was still running
+        before this step, their log-probabilities when output_scores). Rows are the prompts in order, then
+        num_return_sequences per prompt; a finished row yields pad_token_id. Closing the iterator stops the work."""
+        rows = self._check_ids(input_ids)
+        config = self._config(options)
+        if config.num_beams > 1:
+            raise GenerationInputError("steps() runs greedy or sampling; beam search returns at the end: generate()")
+        if config.max_new_tokens == 0:
+            return
+        ids, mask = self._batch(rows, config.pad_token_id)
+        state = self.runner.begin(ids, mask, config.num_return_sequences, config.max_new_tokens)
+        for tokens, running, scores in sample_tokens(self.runner, state, config, self._stop_check(config),
+                                                     StepTimer()):
+            yield tokens.tolist(), running.tolist(), None if scores is None else scores.tolist()
+
     def stream_tokens(self, prompt: str | Sequence[int] | None = None, *, input_ids: Sequence[int] | None = None,
                       **options) -> Iterator[int]:
         """The generated token ids of one prompt (text, or token ids) as they are produced; greedy or sampling

@@ -12,7 +12,8 @@ import pytest
 
 from xmtf_onnx.runtime import (GenerationInputError, ManifestError, ProviderUnavailableError, XmtfError, load)
 
-BLOCKED = ("torch", "transformers", "optimum", "xmtf_onnx.export", "onnx", "sentencepiece")
+BLOCKED = ("torch", "transformers", "optimum", "xmtf_onnx.export", "onnx", "sentencepiece",
+           "starlette", "uvicorn", "prometheus_client", "httpx", "ray")  # the serve extra stays in runtime/serve
 
 
 def test_runtime_imports_and_generates_without_torch(bloom_export, mt5_export):

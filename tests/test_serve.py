@@ -1,0 +1,180 @@
+"""`xmtf-onnx serve`: a real server on 127.0.0.1 (a free port), real HTTP; every answer equals generate() alone."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+import uvicorn
+from prometheus_client.parser import text_string_to_metric_families
+
+from xmtf_onnx.runtime import load
+from xmtf_onnx.runtime.serve import Limits, Server, build_app
+
+from conftest import sample_prompts
+
+
+class Running:
+    """A server in a thread of this process, stopped (gracefully) at the end."""
+
+    def __init__(self, folder, limits: Limits | None = None, api_key: str | None = None):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self.server = Server(str(folder), limits=limits or Limits(), api_key=api_key, name="m")
+        config = uvicorn.Config(build_app(self.server), host="127.0.0.1", port=self.port, log_level="error")
+        self.uvicorn = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.uvicorn.run, daemon=True)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self):
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{self.url}/ready", headers=self.headers(), timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.05)
+        raise TimeoutError("the server did not become ready in 60 s")
+
+    def headers(self):
+        key = self.server.api_key
+        return {"Authorization": f"Bearer {key}"} if key else {}
+
+    def post(self, body, **kwargs):
+        return httpx.post(f"{self.url}/v1/completions", json=body, headers=self.headers(), timeout=60, **kwargs)
+
+    def __exit__(self, *exc):
+        self.uvicorn.should_exit = True
+        self.thread.join(timeout=30)
+
+
+@pytest.fixture(scope="module", params=["mt5", "bloom"])
+def served(request):
+    folder = request.getfixturevalue(f"{request.param}_export")
+    with Running(folder) as running:
+        yield running, load(folder)
+
+
+def test_completions_equal_generate(served):
+    running, model = served
+    prompt = sample_prompts(1)[0]
+    body = running.post({"prompt": prompt, "max_tokens": 12}).json()
+    expected = model.generate(prompt, max_new_tokens=12)
+    choice = body["choices"][0]
+    assert choice["token_ids"] == expected.sequences[0] and choice["text"] == expected.texts[0]
+    assert choice["finish_reason"] in ("stop", "length")
+    assert body["usage"]["completion_tokens"] == len(expected.sequences[0])
+    ids = model.tokenizer.encode(prompt).ids
+    assert running.post({"prompt": ids, "max_tokens": 12, "temperature": 0}).json()["choices"][0]["token_ids"] == \
+        expected.sequences[0]
+    beams = running.post({"prompt": [ids, ids[:5]], "max_tokens": 8, "num_beams": 3, "n": 2}).json()
+    assert [c["token_ids"] for c in beams["choices"]] == model.generate(
+        input_ids=[ids, ids[:5]], max_new_tokens=8, num_beams=3, num_return_sequences=2).sequences
+    sampled = running.post({"prompt": ids, "max_tokens": 8, "temperature": 0.8, "top_p": 0.9, "seed": 7, "n": 2})
+    assert [c["token_ids"] for c in sampled.json()["choices"]] == model.generate(
+        input_ids=[ids], max_new_tokens=8, do_sample=True, temperature=0.8, top_p=0.9, seed=7,
+        num_return_sequences=2).sequences
+    scored = running.post({"prompt": ids, "max_tokens": 5, "logprobs": 1}).json()["choices"][0]
+    reference = model.generate(input_ids=[ids], max_new_tokens=5, output_scores=True)
+    assert scored["logprobs"]["token_logprobs"] == pytest.approx(reference.token_scores[0], abs=1e-5)
+
+
+def test_stream_equals_the_completion(served):
+    running, model = served
+    prompt = sample_prompts(2)[1]
+    whole = running.post({"prompt": prompt, "max_tokens": 10}).json()["choices"][0]["text"]
+    pieces, done = [], False
+    with httpx.stream("POST", f"{running.url}/v1/completions", json={"prompt": prompt, "max_tokens": 10,
+                                                                      "stream": True}, timeout=60) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        for line in response.iter_lines():
+            if line == "data: [DONE]":
+                done = True
+            elif line.startswith("data: "):
+                pieces += [c["text"] for c in json.loads(line[6:])["choices"]]
+    assert done and "".join(pieces) == whole
+
+
+def test_concurrent_clients_with_mixed_options_get_their_own_answers(served):
+    """Requests that share batches (different max_tokens, stop strings) each equal generate() of that request alone."""
+    running, model = served
+    prompts = sample_prompts(8)
+    jobs = [{"prompt": p, "max_tokens": 4 + 2 * (i % 4)} for i, p in enumerate(prompts)]
+    alone = [model.generate(p, max_new_tokens=j["max_tokens"]) for p, j in zip(prompts, jobs)]
+    for job, expected in zip(jobs[:3], alone):  # a stop string taken from the answer ends it there (OpenAI: excluded)
+        text = expected.texts[0]
+        if len(text.strip()) > 4:
+            job["stop"] = text.strip()[2:4]
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda job: running.post(job).json(), jobs * 2))
+    samples = [s for f in text_string_to_metric_families(httpx.get(f"{running.url}/metrics").text)
+               if f.name == "xmtf_batch_size" for s in f.samples]
+    single = next(s.value for s in samples if s.name == "xmtf_batch_size_bucket" and s.labels["le"] == "1.0")
+    batches = next(s.value for s in samples if s.name == "xmtf_batch_size_count")
+    for job, answer, expected in zip(jobs * 2, answers, alone * 2):
+        choice = answer["choices"][0]
+        if "stop" in job:
+            full = expected.texts[0]
+            assert choice["text"] == full[:full.find(job["stop"])] and choice["finish_reason"] == "stop"
+            assert expected.sequences[0][:len(choice["token_ids"])] == choice["token_ids"]
+        else:
+            assert choice["token_ids"] == expected.sequences[0]
+    assert single < batches  # some batches held several requests (the point of the server)
+
+
+def test_bad_requests_are_4xx_with_the_runtimes_message(served):
+    running, model = served
+    cases = [({"prompt": "hi", "frobnicate": 1}, 400, "unknown field"),
+             ({"prompt": ""}, 400, "empty"),
+             ({"prompt": "hi", "max_tokens": 0}, 400, "max_tokens"),
+             ({"prompt": "hi", "max_tokens": 10 ** 6}, 400, "max_tokens"),
+             ({"prompt": [10 ** 9]}, 400, "outside"),
+             ({"prompt": "hi", "temperature": -1}, 400, "temperature"),
+             ({"prompt": "hi", "n": 2}, 400, "n > 1 needs sampling"),
+             ({"prompt": "hi", "top_p": 0}, 400, "top_p"),
+             ({"prompt": "hi", "echo": True}, 400, "unsupported"),
+             ({"prompt": [5] * 2000}, 400, "tokens; this server allows"),
+             ({"prompt": "hi", "model": "other"}, 400, "serves model")]
+    for body, status, message in cases:
+        response = running.post(body)
+        assert response.status_code == status and message in response.json()["error"]["message"], (body, response.text)
+    assert httpx.post(f"{running.url}/v1/completions", content=b"{not json", timeout=10).status_code == 400
+    big = httpx.post(f"{running.url}/v1/completions", content=b"x" * (2 << 20), timeout=10)
+    assert big.status_code == 413
+    metrics = {s.name: s.value for f in text_string_to_metric_families(httpx.get(f"{running.url}/metrics").text)
+               for s in f.samples if s.labels.get("outcome") == "bad_request"}
+    assert metrics["xmtf_requests_total"] >= len(cases)
+    assert httpx.get(f"{running.url}/v1/models").json()["data"][0]["id"] == "m"
+    assert httpx.get(f"{running.url}/health").status_code == 200
+
+
+def test_full_queue_timeouts_keys_and_a_cancelled_stream(bloom_export):
+    limits = Limits(max_batch_size=1, max_queue=1, request_timeout=30)
+    with Running(bloom_export, limits, api_key="secret") as running:
+        assert httpx.get(f"{running.url}/ready").status_code == 401
+        assert httpx.get(f"{running.url}/health").status_code == 200  # no key needed
+        long = {"prompt": "hello", "max_tokens": 300, "min_tokens": 300}
+        with ThreadPoolExecutor(4) as pool:
+            codes = [f.result().status_code for f in [pool.submit(running.post, long) for _ in range(4)]]
+        assert 429 in codes and 200 in codes
+        # a client that goes away mid-stream: the engine drops its request at the next step; the server goes on
+        with httpx.stream("POST", f"{running.url}/v1/completions", json=dict(long, stream=True),
+                          headers=running.headers(), timeout=60) as response:
+            next(response.iter_lines())
+        assert running.post({"prompt": "hello", "max_tokens": 3}).status_code == 200
+        text = httpx.get(f"{running.url}/metrics", headers=running.headers()).text
+        samples = {(s.name, s.labels.get("outcome")): s.value for f in text_string_to_metric_families(text)
+                   for s in f.samples}
+        assert samples[("xmtf_dropped_requests_total", None)] >= 1 and samples[("xmtf_requests_total", "queue_full")] >= 1
+    with Running(bloom_export, Limits(request_timeout=0.05)) as running:
+        response = running.post({"prompt": "hello", "max_tokens": 400, "min_tokens": 400})
+        assert response.status_code == 504 and "dropped" in response.json()["error"]["message"]
+        assert running.post({"prompt": "hello", "max_tokens": 1}).status_code in (200, 504)
