@@ -87,6 +87,16 @@ def _restrict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _loadtest(args: argparse.Namespace) -> int:
+    try:
+        from xmtf_onnx.benchmarks.loadtest import main as loadtest_main
+    except ImportError as e:
+        print(f"error: loadtest needs the bench extra: pip install 'xmtf-onnx[bench]' ({e})", file=sys.stderr)
+        return FAILED
+    forwarded = args.bench_args[1:] if args.bench_args[:1] == ["--"] else args.bench_args
+    return loadtest_main(forwarded)
+
+
 def _serve(args: argparse.Namespace) -> int:
     import os
 
@@ -334,6 +344,10 @@ def build_parser() -> argparse.ArgumentParser:
                                 add_help=False)
     bench.add_argument("bench_args", nargs=argparse.REMAINDER)
     bench.set_defaults(handler=_bench)
+    loadtest = commands.add_parser("loadtest", help="concurrent clients against a running xmtf-onnx serve",
+                                   description="`xmtf-onnx loadtest --help` lists its options.", add_help=False)
+    loadtest.add_argument("bench_args", nargs=argparse.REMAINDER)
+    loadtest.set_defaults(handler=_loadtest)
     return parser
 
 
@@ -343,8 +357,8 @@ def _terminated(signum, frame) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["bench"]:  # the suite parses its own options (argparse cannot forward leading flags)
-        argv = ["bench", "--", *argv[1:]]
+    if argv[:1] in (["bench"], ["loadtest"]):  # they parse their own options (argparse cannot forward leading flags)
+        argv = [argv[0], "--", *argv[1:]]
     args = build_parser().parse_args(argv)
     # SIGTERM (a service manager, `kill`, a CI timeout) unwinds like Ctrl-C, so an export in progress removes its
     # partial folder instead of leaving gigabytes behind.

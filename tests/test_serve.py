@@ -178,3 +178,20 @@ def test_full_queue_timeouts_keys_and_a_cancelled_stream(bloom_export):
         response = running.post({"prompt": "hello", "max_tokens": 400, "min_tokens": 400})
         assert response.status_code == 504 and "dropped" in response.json()["error"]["message"]
         assert running.post({"prompt": "hello", "max_tokens": 1}).status_code in (200, 504)
+
+
+def test_loadtest_against_a_running_server(bloom_export, tmp_path):
+    from xmtf_onnx.benchmarks.loadtest import main as loadtest
+
+    with Running(bloom_export) as running:
+        assert loadtest([running.url, "--concurrency", "1,4", "--requests", "8", "--max-tokens", "4",
+                         "--offline", str(bloom_export), "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "loadtest.json").read_text())
+    assert [row["concurrency"] for row in report["levels"]] == [1, 4]
+    for row in report["levels"]:
+        assert row["error_rate"] == 0 and row["rate_429"] == 0 and row["wrong_length"] == 0
+        assert row["tokens_per_second"] > 0 and row["ttft_p50"] is not None
+    assert report["offline"]["batch16_tokens_per_second"] > 0
+    assert "| clients |" in (tmp_path / "loadtest.md").read_text() and (tmp_path / "loadtest.png").exists()
+    with pytest.raises(SystemExit):
+        loadtest(["http://example.com:8000"])  # localhost only

@@ -1,0 +1,221 @@
+"""xmtf-onnx loadtest: concurrent clients against a running `xmtf-onnx serve`, bounded in count and time.
+
+For each concurrency level, CONCURRENCY clients send REQUESTS streamed completions in all (greedy, forced length:
+min = max tokens, so every request does the same work) and the report gives requests/s, generated tokens/s,
+time to first token and end-to-end p50/p99, and the error and 429 rates, as JSON, a markdown table and a plot.
+With --offline MODEL_DIR it first measures generate() in this process on the same prompts at batch 1 and at
+batch 16 (the server idle), the figures the served throughput is compared with. Localhost only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import time
+from urllib.parse import urlparse
+
+import numpy as np
+
+LOCAL = {"127.0.0.1", "localhost", "::1"}
+
+
+def prompts(count: int) -> list[str]:
+    """Real multilingual prompts from ../shared/data when present, else a short built-in list (cut to 200 chars)."""
+    from .suite import SHARED_PROMPTS
+
+    texts = []
+    if os.path.isfile(SHARED_PROMPTS):
+        with open(SHARED_PROMPTS, encoding="utf-8") as handle:
+            texts = [json.loads(line)["prompt"][:200] for line in handle]
+    texts = texts or ["Translate to English: Je t'aime.", "Question: 2+2? Answer:", "Кошка спит на диване.",
+                      "Der Hund schläft.", "猫はソファで寝ています。"]
+    return [texts[i % len(texts)] for i in range(count)]
+
+
+async def one_request(client, url: str, prompt: str, max_tokens: int, timeout: float) -> dict:
+    body = {"prompt": prompt, "max_tokens": max_tokens, "min_tokens": max_tokens, "stream": True}
+    began = time.perf_counter()
+    first = None
+    tokens = 0
+    try:
+        async with client.stream("POST", f"{url}/v1/completions", json=body, timeout=timeout) as response:
+            if response.status_code != 200:
+                await response.aread()
+                return {"status": response.status_code, "seconds": time.perf_counter() - began}
+            async for line in response.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if "error" in chunk:
+                    return {"status": chunk["error"].get("code", 500), "seconds": time.perf_counter() - began}
+                if first is None and chunk.get("choices"):
+                    first = time.perf_counter() - began
+                if chunk.get("usage"):
+                    tokens = chunk["usage"]["completion_tokens"]
+    except Exception as e:  # a transport error counts as an error, not a crash of the load test
+        return {"status": -1, "error": f"{type(e).__name__}: {e}", "seconds": time.perf_counter() - began}
+    return {"status": 200, "seconds": time.perf_counter() - began, "first_token_seconds": first, "tokens": tokens}
+
+
+async def level(url: str, concurrency: int, requests: int, max_tokens: int, timeout: float) -> dict:
+    import httpx
+
+    texts = prompts(requests)
+    results: list[dict] = []
+    queue = iter(range(requests))
+
+    async def client_loop(client):
+        for index in queue:
+            results.append(await one_request(client, url, texts[index], max_tokens, timeout))
+
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    began = time.perf_counter()
+    async with httpx.AsyncClient(limits=limits) as client:
+        await asyncio.wait_for(asyncio.gather(*[client_loop(client) for _ in range(concurrency)]),
+                               timeout=timeout * requests)
+    wall = time.perf_counter() - began
+    ok = [r for r in results if r["status"] == 200]
+    pct = lambda values, q: float(np.percentile(values, q)) if values else None  # noqa: E731
+    firsts = [r["first_token_seconds"] for r in ok if r.get("first_token_seconds") is not None]
+    ends = [r["seconds"] for r in ok]
+    return {"concurrency": concurrency, "requests": requests, "seconds": wall,
+            "requests_per_second": len(ok) / wall, "tokens_per_second": sum(r["tokens"] for r in ok) / wall,
+            "ttft_p50": pct(firsts, 50), "ttft_p99": pct(firsts, 99), "e2e_p50": pct(ends, 50), "e2e_p99": pct(ends, 99),
+            "error_rate": sum(r["status"] not in (200, 429) for r in results) / requests,
+            "rate_429": sum(r["status"] == 429 for r in results) / requests,
+            "wrong_length": sum(r["tokens"] != max_tokens for r in ok)}
+
+
+def offline(folder: str, max_tokens: int, threads: int | None, variant: str | None = None) -> dict:
+    """generate() on the same prompts, the server idle: tokens/s at batch 1 and 16, and the time to first token."""
+    from xmtf_onnx.runtime import load
+
+    model = load(folder, threads=threads, variant=variant, verify=False)
+    texts = prompts(16)
+    found = {}
+    for batch in (1, 16):
+        model.generate(texts[:batch], max_new_tokens=2)
+        began = time.perf_counter()
+        out = model.generate(texts[:batch], max_new_tokens=max_tokens, min_new_tokens=max_tokens)
+        found[f"batch{batch}_tokens_per_second"] = batch * max_tokens / (time.perf_counter() - began)
+        if batch == 1:
+            found["batch1_first_token_seconds"] = out.metrics["prefill_seconds"]
+            found["batch1_step_seconds"] = float(np.median(out.metrics["step_seconds"]))
+    return found
+
+
+def markdown(report: dict) -> str:
+    lines = [f"# xmtf-onnx load test ({report['created']})", "",
+             f"Server {report['url']} ({report.get('model', '?')}); {report['machine'].get('cpu', '?')}, "
+             f"{report['machine'].get('cores')} cores; {report['max_tokens']} tokens per request (min = max), "
+             "streamed; greedy.", ""]
+    if report.get("offline"):
+        o = report["offline"]
+        lines += [f"generate() in one process, server idle: batch 1 {o['batch1_tokens_per_second']:.1f} tok/s "
+                  f"(TTFT {o['batch1_first_token_seconds'] * 1e3:.0f} ms, step {o['batch1_step_seconds'] * 1e3:.1f} ms), "
+                  f"batch 16 {o['batch16_tokens_per_second']:.1f} tok/s.", ""]
+    lines += ["| clients | requests | req/s | tok/s | TTFT p50 / p99 ms | end-to-end p50 / p99 s | errors | 429 |",
+              "|---|---|---|---|---|---|---|---|"]
+    ms = lambda v: "–" if v is None else f"{v * 1e3:.0f}"  # noqa: E731
+    s = lambda v: "–" if v is None else f"{v:.2f}"  # noqa: E731
+    for row in report["levels"]:
+        lines.append(f"| {row['concurrency']} | {row['requests']} | {row['requests_per_second']:.2f} | "
+                     f"{row['tokens_per_second']:.1f} | {ms(row['ttft_p50'])} / {ms(row['ttft_p99'])} | "
+                     f"{s(row['e2e_p50'])} / {s(row['e2e_p99'])} | {row['error_rate'] * 100:.1f}% | "
+                     f"{row['rate_429'] * 100:.1f}% |")
+    return "\n".join(lines + ["", f"Reproduce: `{report['command']}`", ""])
+
+
+def plot(report: dict, path: str) -> str | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    levels = report["levels"]
+    clients = [r["concurrency"] for r in levels]
+    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    left.plot(clients, [r["tokens_per_second"] for r in levels], "o-", label="served")
+    if report.get("offline"):
+        for key, label in (("batch1_tokens_per_second", "generate() batch 1"),
+                           ("batch16_tokens_per_second", "generate() batch 16")):
+            left.axhline(report["offline"][key], linestyle="--", color="gray" if "16" in key else "silver", label=label)
+    left.set_xlabel("concurrent clients")
+    left.set_ylabel("generated tokens / s")
+    left.legend(fontsize=8)
+    right.plot(clients, [(r["ttft_p50"] or 0) * 1e3 for r in levels], "o-", label="TTFT p50")
+    right.plot(clients, [(r["ttft_p99"] or 0) * 1e3 for r in levels], "o--", label="TTFT p99")
+    right.set_xlabel("concurrent clients")
+    right.set_ylabel("ms")
+    right.legend(fontsize=8)
+    figure.suptitle(f"{report.get('model', '')} served on {report['machine'].get('cpu', '?')}, "
+                    f"{report['machine'].get('cores')} cores, {report['max_tokens']} tokens per request", fontsize=9)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="xmtf-onnx loadtest", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="example:\n  xmtf-onnx serve exported/mt0-small --variant int8 &\n"
+                                            "  xmtf-onnx loadtest http://127.0.0.1:8000 --concurrency 1,4,16 "
+                                            "--requests 64 --offline exported/mt0-small")
+    parser.add_argument("url", help="the server, e.g. http://127.0.0.1:8000 (localhost only)")
+    parser.add_argument("--concurrency", default="1,4,16,32", help="comma-separated client counts")
+    parser.add_argument("--requests", type=int, default=64, help="requests per level")
+    parser.add_argument("--max-tokens", type=int, default=32, help="tokens per request (forced: min = max)")
+    parser.add_argument("--timeout", type=float, default=120.0, help="seconds one request may take")
+    parser.add_argument("--offline", metavar="MODEL_DIR", help="also measure generate() on the same prompts")
+    parser.add_argument("--variant", help="the variant --offline loads (the one the server runs)")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--out", default="bench-results/loadtest", help="where loadtest.json/.md/.png go")
+    args = parser.parse_args(argv)
+    host = urlparse(args.url).hostname
+    if host not in LOCAL:
+        parser.error(f"{host} is not this machine: the load test only targets localhost")
+    import httpx
+
+    try:
+        ready = httpx.get(f"{args.url}/ready", timeout=5)
+    except httpx.HTTPError as e:
+        print(f"error: no server answers at {args.url} ({e}); start one with xmtf-onnx serve MODEL_DIR",
+              file=sys.stderr)
+        return 1
+    if ready.status_code != 200:
+        print(f"error: {args.url} is not ready ({ready.text[:200]})", file=sys.stderr)
+        return 1
+    from .suite import machine
+
+    report = {"created": time.strftime("%Y-%m-%d %H:%M:%S"), "url": args.url, "model": ready.json().get("model"),
+              "variant": ready.json().get("variant"), "machine": machine(), "max_tokens": args.max_tokens,
+              "command": "xmtf-onnx loadtest " + " ".join(argv or sys.argv[1:]), "levels": []}
+    if args.offline:
+        print("== generate() offline (batch 1, batch 16)", file=sys.stderr, flush=True)
+        report["offline"] = offline(args.offline, args.max_tokens, args.threads, args.variant)
+    for concurrency in [int(c) for c in args.concurrency.split(",") if c]:
+        print(f"== {concurrency} clients, {args.requests} requests", file=sys.stderr, flush=True)
+        row = asyncio.run(level(args.url, concurrency, args.requests, args.max_tokens, args.timeout))
+        print(f"   {row['tokens_per_second']:.1f} tok/s, TTFT p50 {row['ttft_p50']}, errors {row['error_rate']:.2%}",
+              file=sys.stderr, flush=True)
+        report["levels"].append(row)
+    os.makedirs(args.out, exist_ok=True)
+    paths = [os.path.join(args.out, "loadtest.json"), os.path.join(args.out, "loadtest.md")]
+    with open(paths[0], "w", encoding="utf-8") as handle:
+        json.dump(report, handle, indent=1)
+    with open(paths[1], "w", encoding="utf-8") as handle:
+        handle.write(markdown(report))
+    picture = plot(report, os.path.join(args.out, "loadtest.png"))
+    for path in paths + ([picture] if picture else []):
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
