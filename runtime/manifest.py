@@ -11,8 +11,9 @@ from typing import Any
 from .errors import ManifestError
 
 MANIFEST_NAME = "xmtf_manifest.json"
-FORMAT_VERSION = 3  # 2: the output projection left the decoder (head.onnx, screen.onnx); 3: default_variant, a
-#                     folder may lack fp32, quantized embeddings (GatherBlockQuantized), DynamicQuantizeMatMul
+FORMAT_VERSION = 4  # 2: the output projection left the decoder (head.onnx, screen.onnx); 3: default_variant, a
+#                     folder may lack fp32, quantized embeddings (GatherBlockQuantized), DynamicQuantizeMatMul;
+#                     4: mT5's decoder takes attention_mask (rows at different lengths: continuous batching)
 KINDS = ("seq2seq", "decoder")
 ROLES = {"seq2seq": ("encoder", "decoder", "head"), "decoder": ("decoder", "head")}
 OPTIONAL_ROLES = ("screen",)  # the greedy screen: only where the head is the fp32 projection it bounds

@@ -168,7 +168,10 @@ class Seq2SeqRunner(Runner):
 
     def decode_step(self, state: DecodeState, tokens: np.ndarray, beam_idx: np.ndarray) -> np.ndarray:
         """tokens [rows], beam_idx [rows] (which row's cache each row continues) -> hidden [rows, d]"""
-        feeds = {"input_ids": tokens.reshape(-1, 1), "encoder_attention_mask": state.encoder_mask}
+        rows = tokens.shape[0]
+        state.attention_mask = np.concatenate([state.attention_mask, np.ones((rows, 1), np.int64)], axis=1)
+        feeds = {"input_ids": tokens.reshape(-1, 1), "attention_mask": state.attention_mask,
+                 "encoder_attention_mask": state.encoder_mask}
         return self._decode(state, feeds, beam_idx)
 
     def history(self, state: DecodeState) -> np.ndarray:

@@ -119,6 +119,9 @@ def build(config, w: WeightSource, store: Store, plan: WeightPlan) -> tuple[list
 
     # Decoder: one or more new tokens against the self-attention cache and the cross keys/values
     input_ids = decoder.input("input_ids", TensorProto.INT64, ["batch", "new"])
+    # Which cache positions (past and new) each row attends to: rows decoding together may be at different lengths
+    # (continuous batching pads their caches on the left); the relative bias depends on distances only.
+    self_mask = decoder.input("attention_mask", TensorProto.INT64, ["batch", "total"])
     encoder_mask = decoder.input("encoder_attention_mask", TensorProto.INT64, ["batch", "source"])
     beam_idx = decoder.input("beam_idx", TensorProto.INT64, ["batch"])
     past = [(decoder.input(f"past_key.{i}", TensorProto.FLOAT, ["past_batch", heads, "past", head_dim]),
@@ -140,7 +143,9 @@ def build(config, w: WeightSource, store: Store, plan: WeightPlan) -> tuple[list
     self_bias = _relative_bias(decoder, past_length, new_length, total_length, "decoder.relative_bias",
                                table, 0, 0, max_distance, -1)
     causal = decoder.op("GreaterOrEqual", [self_bias_positions(decoder, past_length, new_length, total_length),
-                                           decoder.const(0)])
+                                           decoder.const(0)])  # [q, k]
+    causal = decoder.op("And", [causal, decoder.op("Cast", [decoder.op("Unsqueeze", [self_mask, decoder.const([1, 2])])],
+                                                   to=TensorProto.BOOL)])  # [batch, 1, q, k]
     presents = []
     for i in range(config.num_decoder_layers):
         p = f"decoder.block.{i}.layer"
@@ -207,10 +212,13 @@ def validate(config, load_model, sessions: dict, fields: dict, rng: np.random.Ge
     attention_mask[2, 3:] = 0
     decoder_ids = rng.integers(0, config.vocab_size, size=(batch, 4), dtype=np.int64)
     decoder_ids[:, 0] = config.decoder_start_token_id
+    decoder_mask = np.ones_like(decoder_ids)
+    decoder_mask[2, 0] = 0  # a row whose cache is padded on the left (continuous batching)
     model = load_model()
     with torch.no_grad():
         reference = model(input_ids=torch.from_numpy(input_ids), attention_mask=torch.from_numpy(attention_mask),
-                          decoder_input_ids=torch.from_numpy(decoder_ids), use_cache=True)
+                          decoder_input_ids=torch.from_numpy(decoder_ids),
+                          decoder_attention_mask=torch.from_numpy(decoder_mask), use_cache=True)
     del model
     gc.collect()  # transformers modules hold reference cycles: free the weights before the graphs run
     encoder_out = sessions["encoder"].run(None, {"input_ids": input_ids, "attention_mask": attention_mask})
@@ -231,21 +239,23 @@ def validate(config, load_model, sessions: dict, fields: dict, rng: np.random.Ge
         feeds[f"cross_key.{i}"] = onnx_cross[f"cross_key.{i}"]
         feeds[f"cross_value.{i}"] = onnx_cross[f"cross_value.{i}"]
     # Without past: three tokens at once; with past: the fourth token on top of them.
-    first = dict(feeds, input_ids=decoder_ids[:, :3])
+    first = dict(feeds, input_ids=decoder_ids[:, :3], attention_mask=decoder_mask[:, :3])
     out = dict(zip([o.name for o in sessions["decoder"].get_outputs()], sessions["decoder"].run(None, first)))
     logits = head_logits(sessions, out["hidden"], diffs, "screen.no_past")
     diffs["decoder.logits.no_past"] = compare(logits, reference.logits[:, 2].numpy())
-    second = dict(feeds, input_ids=decoder_ids[:, 3:])
+    second = dict(feeds, input_ids=decoder_ids[:, 3:], attention_mask=decoder_mask)
     for i in range(layers):
         second[f"past_key.{i}"] = out[f"present_key.{i}"]
         second[f"past_value.{i}"] = out[f"present_value.{i}"]
     out = dict(zip([o.name for o in sessions["decoder"].get_outputs()], sessions["decoder"].run(None, second)))
     logits = head_logits(sessions, out["hidden"], diffs, "screen.with_past")
     diffs["decoder.logits.with_past"] = compare(logits, reference.logits[:, 3].numpy())
+    # A padded position's own cache entry is never attended to (and is arbitrary in both): compare the others.
+    attended = np.broadcast_to(decoder_mask[:, None, :, None].astype(bool), out["present_key.0"].shape)
     for i in range(layers):
         self_key, self_value = _self_layer(cache, i)
-        diffs[f"decoder.present_key.{i}"] = compare(out[f"present_key.{i}"], self_key)
-        diffs[f"decoder.present_value.{i}"] = compare(out[f"present_value.{i}"], self_value)
+        diffs[f"decoder.present_key.{i}"] = compare(out[f"present_key.{i}"], self_key, attended)
+        diffs[f"decoder.present_value.{i}"] = compare(out[f"present_value.{i}"], self_value, attended)
     return diffs
 
 
