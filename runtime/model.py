@@ -175,6 +175,21 @@ class Model:
             hypotheses = run_sampling(self.runner, state, config, stop_check, timer)
         return self._output(hypotheses, config, timer)
 
+    @property
+    def batch_invariant(self) -> bool:
+        """Does a row's result not depend on the other rows of its batch? True for fp32, fp16 and the weight-only
+        variants (MatMulNBits quantizes each row's activations alone); False for int8-dynamic, which quantizes a
+        batch's activations with one scale, so a prompt's greedy tokens can change with its batch-mates."""
+        quantization = self.manifest.variant(self.variant).get("quantization") or {}
+        return quantization.get("method") != "dynamic"
+
+    def continuous_batch(self, **options):
+        """A ContinuousBatch (runtime/batching.py): greedy rows that join and leave between decode steps; the
+        options are generate()'s, shared by its rows (min_new_tokens is per row, given at admit)."""
+        from .batching import ContinuousBatch
+
+        return ContinuousBatch(self, **options)
+
     def check_options(self, **options) -> None:
         """Raise GenerationInputError if generate() would refuse these options (names and values)."""
         self._config(options)

@@ -113,6 +113,51 @@ class Runner:
         return {name: ort.OrtValue.ortvalue_from_numpy(buffer[:size].reshape(shape))
                 for name, buffer in zip(self.present_names, state.buffers[state.flip])}
 
+    # ---- continuous batching: rows join and leave a running batch between steps (TGI's filter / concatenate) ----
+
+    def keep(self, state: DecodeState, rows: np.ndarray) -> None:
+        """Drop every row of the state but `rows` (cache, cross cache and masks)."""
+        def take(values):
+            return [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v.numpy()[rows]), self.device, 0)
+                    for v in values]
+
+        state.past, state.cross = take(state.past), take(state.cross)
+        state.attention_mask = state.attention_mask[rows]
+        if state.encoder_mask is not None:
+            state.encoder_mask = state.encoder_mask[rows]
+        state.input_ids = state.input_ids[rows]
+        state.buffers, state.capacity = None, 0
+
+    def join(self, first: DecodeState, second: DecodeState) -> DecodeState:
+        """The rows of both states in one: caches padded on the left to one length (masked there; ALiBi and mT5's
+        relative bias depend on distances, so a row's attention is unchanged), cross caches padded on the right."""
+        length = max(first.attention_mask.shape[1], second.attention_mask.shape[1])
+
+        def left(array: np.ndarray, axis: int, size: int) -> np.ndarray:
+            padding = [(0, 0)] * array.ndim
+            padding[axis] = (size - array.shape[axis], 0)
+            return np.pad(array, padding)
+
+        def right(array: np.ndarray, axis: int, size: int) -> np.ndarray:
+            padding = [(0, 0)] * array.ndim
+            padding[axis] = (0, size - array.shape[axis])
+            return np.pad(array, padding)
+
+        def merged(a: list, b: list, pad, axis: int) -> list:
+            size = max(a[0].shape()[axis], b[0].shape()[axis]) if a else 0
+            return [ort.OrtValue.ortvalue_from_numpy(
+                np.concatenate([pad(x.numpy(), axis, size), pad(y.numpy(), axis, size)]), self.device, 0)
+                for x, y in zip(a, b)]
+
+        source = max(first.encoder_mask.shape[1], second.encoder_mask.shape[1]) if first.encoder_mask is not None else 0
+        prompt = max(first.input_ids.shape[1], second.input_ids.shape[1])
+        return DecodeState(
+            input_ids=np.concatenate([left(first.input_ids, 1, prompt), left(second.input_ids, 1, prompt)]),
+            attention_mask=np.concatenate([left(first.attention_mask, 1, length), left(second.attention_mask, 1, length)]),
+            expand=1, past=merged(first.past, second.past, left, 2), cross=merged(first.cross, second.cross, right, 2),
+            encoder_mask=None if first.encoder_mask is None else np.concatenate(
+                [right(first.encoder_mask, 1, source), right(second.encoder_mask, 1, source)]))
+
     def logits(self, hidden: np.ndarray) -> np.ndarray:
         """hidden [rows, d] -> logits [rows, columns] (every token, or a restricted variant's), a fresh buffer the
         caller may overwrite."""

@@ -157,7 +157,7 @@ def test_bad_requests_are_4xx_with_the_runtimes_message(served):
 
 
 def test_full_queue_timeouts_keys_and_a_cancelled_stream(bloom_export):
-    limits = Limits(max_batch_size=1, max_queue=1, request_timeout=30)
+    limits = Limits(max_batch_size=1, max_queue=1, request_timeout=60, max_tokens=20000)
     with Running(bloom_export, limits, api_key="secret") as running:
         assert httpx.get(f"{running.url}/ready").status_code == 401
         assert httpx.get(f"{running.url}/health").status_code == 200  # no key needed
@@ -166,7 +166,8 @@ def test_full_queue_timeouts_keys_and_a_cancelled_stream(bloom_export):
             codes = [f.result().status_code for f in [pool.submit(running.post, long) for _ in range(4)]]
         assert 429 in codes and 200 in codes
         # a client that goes away mid-stream: the engine drops its request at the next step; the server goes on
-        with httpx.stream("POST", f"{running.url}/v1/completions", json=dict(long, stream=True),
+        endless = {"prompt": "hello", "max_tokens": 20000, "min_tokens": 20000, "stream": True}
+        with httpx.stream("POST", f"{running.url}/v1/completions", json=endless,
                           headers=running.headers(), timeout=60) as response:
             next(response.iter_lines())
         assert running.post({"prompt": "hello", "max_tokens": 3}).status_code == 200
@@ -195,3 +196,31 @@ def test_loadtest_against_a_running_server(bloom_export, tmp_path):
     assert "| clients |" in (tmp_path / "loadtest.md").read_text() and (tmp_path / "loadtest.png").exists()
     with pytest.raises(SystemExit):
         loadtest(["http://example.com:8000"])  # localhost only
+
+
+def test_a_short_request_joins_a_running_batch_and_leaves_first(served):
+    """Continuous batching: a request arriving mid-generation joins the running batch, finishes before the long
+    one, and both get what generate() gives them alone."""
+    running, model = served
+    prompts = sample_prompts(2)
+    long, short = {"prompt": prompts[0], "max_tokens": 160, "min_tokens": 160}, {"prompt": prompts[1], "max_tokens": 3}
+    started, finished = threading.Event(), {}
+    pieces = []
+
+    def stream_long():
+        with httpx.stream("POST", f"{running.url}/v1/completions", json=dict(long, stream=True), timeout=60) as response:
+            for line in response.iter_lines():
+                if line.startswith("data: {"):
+                    pieces.extend(c["text"] for c in json.loads(line[6:])["choices"])
+                    started.set()
+        finished["long"] = time.monotonic()
+
+    thread = threading.Thread(target=stream_long)
+    thread.start()
+    assert started.wait(30)
+    answer = running.post(short).json()["choices"][0]
+    finished["short"] = time.monotonic()
+    thread.join(60)
+    assert finished["short"] < finished["long"]  # it did not wait for the long request to end
+    assert answer["token_ids"] == model.generate(prompts[1], max_new_tokens=3).sequences[0]
+    assert "".join(pieces) == model.generate(prompts[0], max_new_tokens=160, min_new_tokens=160).texts[0]

@@ -1,10 +1,11 @@
-"""The engine: one thread that owns the model and runs batches of requests, step by step.
+"""The engine: one thread that owns the model and runs the requests, step by step.
 
-Requests that arrive together and differ only in max_tokens and stop strings (greedy, the common case) run as
-one batch: one decoder run per step for all of them, each request answered (or streamed) as soon as its own
-rows finish. Sampling and beam-search requests run alone, so a seeded request gives what generate() gives.
-A batch is formed from the queue between batches (dynamic batching): a request that arrives while a batch is
-running waits for it. Every wait here is bounded; the HTTP side owns deadlines and cancels.
+Greedy requests (the common case) are batched continuously: between two decode steps new requests join the
+running batch (each prefilled alone, as generate() would, its cache padded and concatenated) and finished or
+cancelled rows leave it, so a short request never waits for a long one and a request's answer is what
+generate() gives it alone. Sampling and beam-search requests run alone between batches (a seeded request is
+reproducible). Variants whose rows depend on their batch-mates (int8-dynamic: one activation scale per batch)
+run every request alone. Every wait here is bounded; the HTTP side owns deadlines and cancels.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
+
+import numpy as np
 
 from ..errors import XmtfError
 
@@ -50,15 +53,19 @@ class Request:
         return len(self.rows) * self.n
 
     @property
-    def batchable(self) -> bool:
-        return not self.options.get("do_sample") and self.options.get("num_beams", 1) == 1
+    def continuous(self) -> bool:
+        """Can it join a running batch? Greedy, one sequence, no history-dependent processor, no scores."""
+        options = self.options
+        return (not options.get("do_sample") and options.get("num_beams", 1) == 1 and self.n == 1 and not self.logprobs
+                and options.get("repetition_penalty", 1.0) == 1.0 and not options.get("no_repeat_ngram_size"))
 
     def key(self) -> tuple:
-        """Requests with equal keys share a batch: everything but the max tokens (and stop strings, applied here)."""
-        if not self.batchable:
+        """Requests with equal keys share a batch: everything but the max and min tokens (per row) and stop strings
+        (applied here)."""
+        if not self.continuous:
             return ("alone", id(self))
-        return tuple(sorted((k, repr(v)) for k, v in self.options.items() if k != "max_new_tokens")) + \
-            (self.n, self.logprobs)
+        return tuple(sorted((k, repr(v)) for k, v in self.options.items()
+                            if k not in ("max_new_tokens", "min_new_tokens")))
 
     def send(self, kind: str, payload: Any = None) -> None:
         """An event for the HTTP side, from the engine thread."""
@@ -72,11 +79,14 @@ class Engine:
         self.max_queue = max_queue
         self.metrics = metrics
         self.eos = set(model.tokens.get("eos_token_id") or [])
+        self.invariant = model.batch_invariant
         self._pending: collections.deque[Request] = collections.deque()
         self._condition = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="xmtf-engine", daemon=True)
-        self.running = 0  # requests in the batch being run
+        self.batch = None  # the running ContinuousBatch; rows are (request, sequence index)
+        self.batch_key: tuple | None = None
+        self.running = 0  # requests being worked on
 
     # ---- the HTTP side ----
 
@@ -113,30 +123,64 @@ class Engine:
 
     # ---- the engine thread ----
 
+    def _rows(self) -> int:
+        return self.batch.rows if self.batch is not None else 0
+
     def _loop(self) -> None:
         while True:
             with self._condition:
-                while not self._pending and not self._stopping:
+                while not self._pending and not self._rows() and not self._stopping:
                     self._condition.wait(POLL_SECONDS)
-                if not self._pending and self._stopping:
+                if not self._pending and not self._rows() and self._stopping:
                     return
-                batch = self._take()
-                self.running = len(batch)
+                admit, alone = self._schedule()
+                self.running = len(admit) + len(alone) + len({id(r) for r, _ in self.batch.owners} if self.batch else ())
                 self._observe_queue()
+            involved = admit + alone + [r for r, _ in (self.batch.owners if self.batch else [])]
             try:
-                self._run(batch)
-            except Exception as e:  # an onnxruntime failure fails this batch; the server keeps serving
-                for request in batch:
+                if alone:
+                    self._run(alone)
+                if admit:
+                    self._admit(admit)
+                if self._rows():
+                    self._step()
+            except Exception as e:  # an onnxruntime failure fails these requests; the server keeps serving
+                for request in {id(r): r for r in involved}.values():
                     request.send("error", (500, f"{type(e).__name__}: {e}"))
+                self.batch, self.batch_key = None, None
             finally:
-                self.running = 0
+                self.running = self._rows()
 
-    def _take(self) -> list[Request]:
-        """The oldest live request and every queued one that can share its batch, up to max_batch_size rows."""
+    def _schedule(self) -> tuple[list[Request], list[Request]]:
+        """(requests joining the running batch now, requests to run alone or as a group between batches)."""
         while self._pending and self._pending[0].cancelled:
             self._pending.popleft()
         if not self._pending:
-            return []
+            return [], []
+        first = self._pending[0]
+        joinable = self.invariant and first.continuous
+        if not self._rows():
+            if not joinable:
+                return [], self._take()
+            self.batch_key = first.key()
+        elif not joinable or first.key() != self.batch_key:
+            return [], []  # the oldest request waits for the batch to drain: no new joins, no starvation
+        admit, rows = [], self._rows()
+        for request in list(self._pending):
+            if request.cancelled:
+                self._pending.remove(request)
+            elif request.continuous and request.key() == self.batch_key:
+                if rows + len(request.rows) > self.max_batch_size and (rows or admit):
+                    break
+                self._pending.remove(request)
+                admit.append(request)
+                rows += len(request.rows)
+            else:
+                break  # keep arrival order: later requests do not overtake an incompatible one
+        return admit, []
+
+    def _take(self) -> list[Request]:
+        """The oldest request and every queued one that can share its (non-continuous) batch."""
         first = self._pending.popleft()
         batch, rows, key = [first], first.sequences, first.key()
         for request in list(self._pending):
@@ -152,9 +196,53 @@ class Engine:
         if self.metrics is not None:
             self.metrics.queue_depth.set(len(self._pending))
 
+    # ---- continuous batching ----
+
+    def _admit(self, requests: list[Request]) -> None:
+        if self.batch is None:
+            options = {k: v for k, v in requests[0].options.items() if k not in ("max_new_tokens", "min_new_tokens")}
+            self.batch = self.model.continuous_batch(**options)
+        owners, prompts, minimum = [], [], []
+        for request in requests:
+            request.tokens = [[] for _ in range(request.sequences)]
+            request.token_logprobs = [[] for _ in range(request.sequences)]
+            request.finish = [None] * request.sequences
+            for index, row in enumerate(request.rows):
+                owners.append((request, index))
+                prompts.append(row)
+                minimum.append(request.options.get("min_new_tokens", 0))
+        tokens = self.batch.admit(prompts, owners, minimum)
+        self._deliver(owners, tokens)
+
+    def _step(self) -> None:
+        if self.metrics is not None:
+            self.metrics.batch_size.observe(self._rows())
+        self._deliver(list(self.batch.owners), self.batch.step())
+
+    def _deliver(self, owners: list, tokens) -> None:
+        """Each row's new token to its request; requests told (step / done); finished and cancelled rows leave."""
+        now = time.monotonic()
+        requests = {}
+        for (request, index), token in zip(owners, tokens):
+            requests[id(request)] = request
+            if request.finish[index] is None and not request.cancelled:
+                request.tokens[index].append(int(token))
+                request.finish[index] = self._finished(request, index)
+        for request in requests.values():
+            if request.cancelled:
+                if self.metrics is not None:
+                    self.metrics.dropped.inc()
+                continue
+            if request.first_token_at is None:
+                request.first_token_at = now
+            request.send("done" if all(f is not None for f in request.finish) else "step")
+        self.batch.keep(np.array([r.finish[i] is None and not r.cancelled for r, i in self.batch.owners], bool))
+        if not self.batch.rows:
+            self.batch, self.batch_key = None, None
+
+    # ---- requests that do not join a running batch: sampling, beams, batch-dependent variants ----
+
     def _run(self, batch: list[Request]) -> None:
-        if not batch:
-            return
         if self.metrics is not None:
             self.metrics.batch_size.observe(sum(r.sequences for r in batch))
         if batch[0].options.get("num_beams", 1) > 1:

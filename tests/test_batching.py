@@ -1,0 +1,75 @@
+"""Continuous batching: rows that join a running batch and leave it give what generate() gives each alone."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from xmtf_onnx.runtime import GenerationInputError, load
+
+from test_generate import _prompts
+
+
+@pytest.mark.parametrize("variant", ["fp32", "int8-weight", "int4-weight"])
+def test_rows_joining_and_leaving_equal_generate_alone(family, variant, tmp_path):
+    """fp32 and the weight-only variants are batch-invariant (MatMulNBits quantizes each row's activations alone);
+    int8-dynamic quantizes a whole batch's activations with one scale, so it is not (the server knows)."""
+    folder = family["export"]
+    if variant != "fp32":
+        from xmtf_onnx.export import export
+
+        folder = export(str(family["checkpoint"]), tmp_path / variant, quantize=[variant], fp32=False, progress=False)
+    model = load(folder)
+    prompts = _prompts(family, model, 5)
+    eos = model.tokens["eos_token_id"]
+    lengths, minimum = [9, 4, 12, 6, 7], [0, 4, 12, 0, 3]
+    alone = [model.generate(input_ids=[p], max_new_tokens=n, min_new_tokens=m).sequences[0]
+             for p, n, m in zip(prompts, lengths, minimum)]
+    batch = model.continuous_batch()
+    got: dict[int, list[int]] = {}
+
+    def admit(indices):
+        for index, token in zip(indices, batch.admit([prompts[i] for i in indices], indices,
+                                                     [minimum[i] for i in indices])):
+            got[index] = [int(token)]
+
+    def step():
+        for index, token in zip(batch.owners, batch.step()):
+            got[index].append(int(token))
+
+    def finished(index):
+        return len(got[index]) >= lengths[index] or got[index][-1] in eos
+
+    admit([0])
+    step(), step()
+    admit([1, 2])  # join a batch two tokens in: different prompt and cache lengths
+    step()
+    admit([3])
+    for _ in range(3):
+        batch.keep(np.array([not finished(i) for i in batch.owners]))
+        step()
+    batch.keep(np.array([i != 2 and not finished(i) for i in batch.owners]))  # row 2 cancelled mid-way
+    admit([4])
+    while batch.rows:
+        batch.keep(np.array([not finished(i) for i in batch.owners]))
+        if batch.rows:
+            step()
+    for index in (0, 1, 3, 4):
+        assert got[index] == alone[index], index
+    assert got[2] == alone[2][:len(got[2])]
+
+
+def test_continuous_batch_refuses_what_it_cannot_do(family):
+    model = load(family["export"])
+    for options in (dict(do_sample=True), dict(num_beams=2), dict(repetition_penalty=1.2)):
+        with pytest.raises(GenerationInputError, match="continuous batching"):
+            model.continuous_batch(**options)
+
+
+def test_batch_invariance_is_known_per_variant(family, tmp_path):
+    """int8-dynamic quantizes a batch's activations with one scale: the server runs its requests alone."""
+    from xmtf_onnx.export import export
+
+    folder = export(str(family["checkpoint"]), tmp_path / "q", quantize=["int8-dynamic", "int4-weight"], progress=False)
+    assert load(folder).batch_invariant and load(folder, variant="int4-weight").batch_invariant
+    assert not load(folder, variant="int8-dynamic").batch_invariant
