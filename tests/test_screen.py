@@ -68,6 +68,7 @@ class _FakeRunner:
 
     has_screen = True
     screen_candidates = 3
+    vocabulary = None  # a full head
 
     def screen(self, hidden, candidates):
         ids = np.array([[9, 4, 6], [1, 2, 3]])
