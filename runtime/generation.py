@@ -6,7 +6,9 @@ enough that greedy and beam outputs are token-for-token equal on the same logits
 
 from __future__ import annotations
 
+import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -212,15 +214,29 @@ def softmax(scores: np.ndarray) -> np.ndarray:
     return shifted / shifted.sum(axis=-1, keepdims=True)
 
 
-def log_softmax_inplace(scores: np.ndarray, rows_per_chunk: int = 8) -> np.ndarray:
+def _log_softmax_block(block: np.ndarray) -> None:
+    block -= block.max(axis=-1, keepdims=True)  # [chunk, vocab], a view
+    block -= np.log(np.exp(block).sum(axis=-1, keepdims=True))
+
+
+_POOL: ThreadPoolExecutor | None = None
+
+
+def log_softmax_inplace(scores: np.ndarray, rows_per_chunk: int = 4) -> np.ndarray:
     """log_softmax of a float32 [rows, vocab] array, written over it.
 
-    Rows are done a few at a time so that the exp temporary stays small (beam search has batch*beams rows
-    of a 250k vocabulary)."""
-    for start in range(0, scores.shape[0], rows_per_chunk):
-        block = scores[start:start + rows_per_chunk]  # [chunk, vocab], a view
-        block -= block.max(axis=-1, keepdims=True)
-        block -= np.log(np.exp(block).sum(axis=-1, keepdims=True))
+    Rows are done a few at a time so that the exp temporary stays small, and the chunks of a large array go to
+    one thread per core (numpy's ufuncs release the GIL): at 8x4 beams over 250k tokens this was a third of
+    mt0-small's step, single-threaded."""
+    global _POOL
+    chunks = [scores[start:start + rows_per_chunk] for start in range(0, scores.shape[0], rows_per_chunk)]
+    if len(chunks) < 2 or scores.size < 1 << 20 or (os.cpu_count() or 1) < 2:
+        for block in chunks:
+            _log_softmax_block(block)
+        return scores
+    if _POOL is None:
+        _POOL = ThreadPoolExecutor(os.cpu_count(), thread_name_prefix="xmtf-softmax")
+    list(_POOL.map(_log_softmax_block, chunks))
     return scores
 
 
