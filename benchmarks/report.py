@@ -118,7 +118,7 @@ def _restricted_lines(restricted: dict | None) -> list[str]:
     for name, entry in restricted.items():
         share = (entry.get("coverage") or {}).get("corpus_share")
         lines.append(f"| xmtf {name} | {entry['base']} | {entry['rows']} | {entry['kept_share'] * 100:.1f}% | "
-                     f"{_fmt(share * 100 if share is not None else None)}% |")
+                     f"{'–' if share is None else f'{share * 100:.1f}%'} |")
     return lines + [""]
 
 

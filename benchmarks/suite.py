@@ -263,9 +263,9 @@ def add_restricted(export_dir: str, sizes: list[int], vocab: int, work: str) -> 
             if name not in manifest.variants:
                 _log(f"   restricting {base} to {size} rows ({name})")
                 record = restrict(export_dir, name, token_ids=ids_path, variant=base)
-                covered = counts[sorted(ranked[:size].tolist())].sum() / max(1, counts.sum())
+                covered = float(counts[sorted(ranked[:size].tolist())].sum() / counts.sum()) if corpus else None
                 record["coverage"] = {"corpus": "../shared/data/prompts.jsonl under the run's BPE" if corpus
-                                      else "none (../shared/data absent)", "corpus_share": float(covered)}
+                                      else "none (../shared/data absent)", "corpus_share": covered}
                 manifest = read_manifest(export_dir)
                 manifest.data["variants"][name]["restricted"]["coverage"] = record["coverage"]
                 write_manifest(export_dir, manifest.data)
