@@ -91,7 +91,7 @@ def test_stream_equals_the_completion(served):
     running, model = served
     prompt = sample_prompts(2)[1]
     whole = running.post({"prompt": prompt, "max_tokens": 10}).json()["choices"][0]["text"]
-    pieces, done = [], False
+    pieces, ids, done = [], [], False
     with httpx.stream("POST", f"{running.url}/v1/completions", json={"prompt": prompt, "max_tokens": 10,
                                                                       "stream": True}, timeout=60) as response:
         assert response.headers["content-type"].startswith("text/event-stream")
@@ -100,7 +100,9 @@ def test_stream_equals_the_completion(served):
                 done = True
             elif line.startswith("data: "):
                 pieces += [c["text"] for c in json.loads(line[6:])["choices"]]
+                ids += [t for c in json.loads(line[6:])["choices"] for t in c["token_ids"]]
     assert done and "".join(pieces) == whole
+    assert ids == model.generate(prompt, max_new_tokens=10).sequences[0]  # each chunk carries its new token ids
 
 
 def test_concurrent_clients_with_mixed_options_get_their_own_answers(served):

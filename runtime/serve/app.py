@@ -278,7 +278,7 @@ class Server:
         return JSONResponse(self._response(job))
 
     async def _stream(self, job: Request, deadline: float, began: float):
-        sent, closed = [""] * job.sequences, [False] * job.sequences
+        sent, closed, ids_sent = [""] * job.sequences, [False] * job.sequences, [0] * job.sequences
         identifier, created = completion_id(), int(time.time())
         try:
             while True:
@@ -302,10 +302,11 @@ class Server:
                     if not final:  # hold back a partial character and what may start a stop string
                         text = text[:len(text) - _held_back(text, job.stop)]
                     piece = text[len(sent[index]):] if text.startswith(sent[index]) else ""
-                    if piece or final:
-                        choices.append({"index": index, "text": piece,
+                    tokens = list(job.tokens[index])
+                    if piece or final or len(tokens) > ids_sent[index]:  # a chunk per token, its text may lag
+                        choices.append({"index": index, "text": piece, "token_ids": tokens[ids_sent[index]:],
                                         "finish_reason": job.finish[index] if final else None})
-                        sent[index], closed[index] = text, final
+                        sent[index], closed[index], ids_sent[index] = text, final, len(tokens)
                 if choices:
                     yield _sse({"id": identifier, "object": "text_completion", "created": created, "model": self.name,
                                 "choices": choices})
