@@ -250,10 +250,11 @@ def add_restricted(export_dir: str, sizes: list[int], vocab: int, work: str) -> 
     from xmtf_onnx.export.restrict import restrict
     from xmtf_onnx.runtime.manifest import read_manifest, write_manifest
 
-    corpus = [t for row in shared_prompt_ids(vocab=vocab) for t in row]
-    counts = np.bincount(np.array(corpus, np.int64), minlength=vocab) if corpus else np.zeros(vocab, np.int64)
-    ranked = np.lexsort((np.arange(vocab), -counts))  # most frequent first, then ascending ids
     manifest = read_manifest(export_dir)
+    corpus = [t for row in shared_prompt_ids(vocab=vocab) for t in row]  # ids below the tokenizer's vocabulary
+    width = int(manifest.tokens["vocab_size"])  # the head's rows: wider than the tokenizer's vocabulary
+    counts = np.bincount(np.array(corpus, np.int64), minlength=width) if corpus else np.zeros(width, np.int64)
+    ranked = np.lexsort((np.arange(width), -counts))  # most frequent first, then ascending ids
     for size in sizes:
         ids_path = os.path.join(work, f"restrict-{size}.txt")
         with open(ids_path, "w", encoding="utf-8") as handle:
