@@ -113,10 +113,38 @@ def _serve(args: argparse.Namespace) -> int:
     limits = Limits(max_batch_size=args.max_batch_size, max_queue=args.max_queue, max_body_bytes=args.max_body_bytes,
                     max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens, max_n=args.max_n,
                     max_beams=args.max_beams, request_timeout=args.request_timeout, drain_seconds=args.drain_seconds)
-    server = Server(args.model_dir, args.variant, args.threads, limits,
-                    api_key=args.api_key or os.environ.get("XMTF_API_KEY"), name=args.name)
+    api_key = args.api_key or os.environ.get("XMTF_API_KEY")
+    if args.ray:
+        return _serve_ray(args, limits, api_key)
+    server = Server(args.model_dir, args.variant, args.threads, limits, api_key=api_key, name=args.name)
     uvicorn.run(build_app(server), host=args.host, port=args.port, log_level="warning",
                 timeout_graceful_shutdown=int(args.drain_seconds))
+    return 0
+
+
+def _serve_ray(args: argparse.Namespace, limits, api_key: str | None) -> int:
+    """The same app as Ray Serve replicas on this machine's Ray (started here unless RAY_ADDRESS names one)."""
+    import time
+
+    try:
+        import ray
+        from ray import serve
+
+        from .serve.ray_app import deployment
+    except ImportError as e:
+        print(f"error: --ray needs the ray extra: pip install 'xmtf-onnx[ray]' ({e})", file=sys.stderr)
+        return FAILED
+    ray.init(ignore_reinit_error=True, include_dashboard=False)
+    serve.start(http_options={"host": args.host, "port": args.port})
+    serve.run(deployment(args.model_dir, variant=args.variant, threads=args.threads or 1, num_replicas=args.replicas,
+                         limits=limits, api_key=api_key, name=args.name), name="xmtf-onnx", route_prefix="/")
+    print(f"serving {args.model_dir} on http://{args.host}:{args.port} with {args.replicas} Ray Serve replica(s); "
+          "Ctrl-C stops", file=sys.stderr)
+    try:
+        while True:
+            time.sleep(1)
+    finally:
+        serve.shutdown()
     return 0
 
 
@@ -291,6 +319,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-body-bytes", type=int, default=1 << 20, help="the largest request body (413 above)")
     serve.add_argument("--request-timeout", type=float, default=120.0,
                        help="seconds before a request is dropped with 504 (default 120)")
+    serve.add_argument("--ray", action="store_true",
+                       help="serve through Ray Serve (the ray extra): --replicas copies of the app, each with its own "
+                            "model and --threads CPUs; the same deployment scales to a Ray cluster (ray_app.py)")
+    serve.add_argument("--replicas", type=int, default=1, help="Ray Serve replicas (with --ray; default 1)")
     serve.add_argument("--drain-seconds", type=float, default=30.0,
                        help="on SIGTERM, how long in-flight requests may finish (default 30)")
     serve.set_defaults(handler=_serve)

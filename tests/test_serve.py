@@ -226,3 +226,34 @@ def test_a_short_request_joins_a_running_batch_and_leaves_first(served):
     assert finished["short"] < finished["long"]  # it did not wait for the long request to end
     assert answer["token_ids"] == model.generate(prompts[1], max_new_tokens=3).sequences[0]
     assert "".join(pieces) == model.generate(prompts[0], max_new_tokens=160, min_new_tokens=160).texts[0]
+
+
+@pytest.mark.slow
+def test_ray_serve_replica_answers_like_generate(bloom_export):
+    """The same app on Ray Serve (one replica, its own model): ready, and a completion equals generate()."""
+    ray = pytest.importorskip("ray", reason="the ray extra is part of dev; without it this test cannot run")
+    from ray import serve
+
+    from xmtf_onnx.runtime.serve.ray_app import deployment
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(deployment(str(bloom_export), threads=1, name="m"), name="xmtf", route_prefix="/")
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        body = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json={"prompt": "Hello there", "max_tokens": 6},
+                          timeout=60).json()
+        assert body["choices"][0]["token_ids"] == load(bloom_export).generate("Hello there", max_new_tokens=6).sequences[0]
+    finally:
+        serve.shutdown()
+        ray.shutdown()
