@@ -219,24 +219,24 @@ def _log_softmax_block(block: np.ndarray) -> None:
     block -= np.log(np.exp(block).sum(axis=-1, keepdims=True))
 
 
-_POOL: ThreadPoolExecutor | None = None
+_POOLS: dict[int, ThreadPoolExecutor] = {}
 
 
-def log_softmax_inplace(scores: np.ndarray, rows_per_chunk: int = 4) -> np.ndarray:
+def log_softmax_inplace(scores: np.ndarray, rows_per_chunk: int = 4, threads: int | None = None) -> np.ndarray:
     """log_softmax of a float32 [rows, vocab] array, written over it.
 
     Rows are done a few at a time so that the exp temporary stays small, and the chunks of a large array go to
-    one thread per core (numpy's ufuncs release the GIL): at 8x4 beams over 250k tokens this was a third of
-    mt0-small's step, single-threaded."""
-    global _POOL
+    `threads` threads (the model's; None: one per core; numpy's ufuncs release the GIL): at 8x4 beams over 250k
+    tokens this was a third of mt0-small's step, single-threaded."""
+    threads = threads or os.cpu_count() or 1
     chunks = [scores[start:start + rows_per_chunk] for start in range(0, scores.shape[0], rows_per_chunk)]
-    if len(chunks) < 2 or scores.size < 1 << 20 or (os.cpu_count() or 1) < 2:
+    if len(chunks) < 2 or scores.size < 1 << 20 or threads < 2:
         for block in chunks:
             _log_softmax_block(block)
         return scores
-    if _POOL is None:
-        _POOL = ThreadPoolExecutor(os.cpu_count(), thread_name_prefix="xmtf-softmax")
-    list(_POOL.map(_log_softmax_block, chunks))
+    if threads not in _POOLS:
+        _POOLS[threads] = ThreadPoolExecutor(threads, thread_name_prefix="xmtf-softmax")
+    list(_POOLS[threads].map(_log_softmax_block, chunks))
     return scores
 
 
@@ -307,7 +307,8 @@ def sample_tokens(runner, state, config: GenerationConfig, stop_check: Callable 
             tokens = token_ids(runner.vocabulary, columns)
         timer.record(generated, time.perf_counter() - began)  # a step: the model's calls and the choice
         # log-probabilities over the head's tokens (a restricted head: over the allowed set)
-        token_scores = (np.take_along_axis(log_softmax_inplace(scores), columns[:, None], axis=1)[:, 0]
+        token_scores = (np.take_along_axis(log_softmax_inplace(scores, threads=runner.threads), columns[:, None],
+                                           axis=1)[:, 0]
                         if config.output_scores else None)
         tokens = np.where(running, tokens, config.pad_token_id)
         history = np.concatenate([history, tokens[:, None]], axis=1)
@@ -368,7 +369,7 @@ def run_beam_search(runner, state, config: GenerationConfig, stop_check, timer: 
     while True:
         history = running_sequences[:, :, :cur_len].reshape(rows, cur_len)
         timer.full_rows += rows
-        log_probs = log_softmax_inplace(np.asarray(logits, dtype=np.float32))  # [rows, vocab], the step's own buffer
+        log_probs = log_softmax_inplace(np.asarray(logits, dtype=np.float32), threads=runner.threads)  # [rows, vocab]
         log_probs = process(log_probs, history, cur_len - prompt_length, config, runner.vocabulary)
         vocab = log_probs.shape[-1]
         if config.do_sample:

@@ -61,6 +61,7 @@ class Model:
                          for role in roles}
         self._check_io()
         self.runner = RUNNERS[self.kind](manifest, self.sessions, self.device)
+        self.runner.threads = threads  # the host-side work (log-softmax over beams) uses as many threads
         self.tokens = manifest.tokens
         self.vocab_size = int(self.tokens["vocab_size"])
         self.restricted = entry.get("restricted")  # None, or what `xmtf-onnx restrict` recorded (base, rows, coverage)
@@ -275,7 +276,7 @@ class Model:
         hidden = self.runner.prefill(state)  # [batch, d]
         vocabulary = self.runner.vocabulary
         for step in range(steps):
-            log_probs = log_softmax_inplace(self.runner.logits(hidden))  # [batch, columns]
+            log_probs = log_softmax_inplace(self.runner.logits(hidden), threads=self.runner.threads)  # [batch, columns]
             if vocabulary is not None:  # every token: those the restricted head cannot produce are -inf
                 full = np.full((log_probs.shape[0], self.vocab_size), -np.inf, np.float32)
                 full[:, vocabulary.ids] = log_probs

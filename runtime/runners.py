@@ -74,6 +74,7 @@ class Runner:
                                                           cache["present_value"].format(layer=i))]
         vocab = int(manifest.tokens["vocab_size"])
         self.vocabulary = None  # a restricted variant's Vocabulary: which token each logit column is (Model sets it)
+        self.threads: int | None = None  # the model's threads (None: onnxruntime's default, one per core)
         self.screen_candidates = max(1, min(int(manifest.data.get("greedy_screen", {}).get("default_candidates", 128)),
                                             vocab - 1))
 

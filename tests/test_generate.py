@@ -279,3 +279,13 @@ def test_prepacked_cache_gives_the_same_tokens_and_is_reused(bloom_export, tmp_p
     again = load(bloom_export, prepacked_cache=cache).generate(input_ids=rows, max_new_tokens=6, num_beams=2)
     assert again.sequences == plain.sequences
     assert {e: os.stat(cache / e / "packed.onnx").st_mtime_ns for e in sorted(os.listdir(cache))} == stamps
+
+
+def test_log_softmax_on_threads_equals_one_thread():
+    """Beam rows' log-softmax is spread over the model's threads; chunk by chunk it is the same arithmetic."""
+    from xmtf_onnx.runtime.generation import log_softmax_inplace
+
+    scores = np.random.default_rng(0).standard_normal((32, 70_000)).astype(np.float32) * 5
+    one, two = log_softmax_inplace(scores.copy(), threads=1), log_softmax_inplace(scores.copy(), threads=2)
+    np.testing.assert_array_equal(one, two)
+    np.testing.assert_allclose(np.exp(one).sum(axis=1), 1.0, rtol=1e-4)
