@@ -299,9 +299,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "own rows finish. A field a request leaves out takes the export's generation defaults (greedy), not\n"
                     "OpenAI's; temperature 0 is greedy. Binds 127.0.0.1 unless --host says otherwise.",
         epilog="examples:\n"
-               "  xmtf-onnx serve exported/mt0-small --variant int8 --port 8000\n"
+               "  xmtf-onnx serve exported/mt0-small --port 8000\n"
                "  curl -s localhost:8000/v1/completions -H 'Content-Type: application/json' \\\n"
-               "       -d '{\"prompt\": \"Translate to English: Je t\'aime.\", \"max_tokens\": 16}'")
+               "       -d '{\"prompt\": \"Translate to English: Bonjour.\", \"max_tokens\": 16}'")
     serve.add_argument("model_dir", metavar="MODEL_DIR")
     serve.add_argument("--variant", help="the variant to serve (default: the folder's default)")
     serve.add_argument("--name", help="the model name clients send and /v1/models lists (default: the folder's name)")
