@@ -26,12 +26,22 @@ examples:
 """
 
 
+def _missing(command: str, extras: str, error: ImportError) -> int:
+    """A command whose optional packages are not installed: say which extra brings them."""
+    print(f"error: {command} needs optional packages: pip install 'xmtf-onnx[{extras}]' ({error})", file=sys.stderr)
+    return FAILED
+
+
+def _forwarded(args: argparse.Namespace) -> list[str]:
+    """The options bench and loadtest parse themselves (main() put a `--` before them)."""
+    return args.bench_args[1:] if args.bench_args[:1] == ["--"] else args.bench_args
+
+
 def _export(args: argparse.Namespace) -> int:
     try:
         from xmtf_onnx.export import export
     except ImportError as e:
-        print(f"error: export needs the export extra: pip install 'xmtf-onnx[export]' ({e})", file=sys.stderr)
-        return FAILED
+        return _missing("export", "export", e)
     output = export(args.model, args.output, force=args.force, tolerance=args.tolerance,
                     validate=not args.no_validate, progress=not args.quiet, quantize=args.quantize or (),
                     fp32=not args.no_fp32, validation=args.validation, block_size=args.block_size,
@@ -54,8 +64,7 @@ def _quantize(args: argparse.Namespace) -> int:
     try:
         from xmtf_onnx.export.quantize import quantize_folder
     except ImportError as e:
-        print(f"error: quantize needs the export extra: pip install 'xmtf-onnx[export]' ({e})", file=sys.stderr)
-        return FAILED
+        return _missing("quantize", "export", e)
     if args.name and len(args.mode) > 1:
         print("error: --name names one variant; give one --mode with it", file=sys.stderr)
         return USAGE
@@ -70,8 +79,7 @@ def _restrict(args: argparse.Namespace) -> int:
     try:
         from xmtf_onnx.export.restrict import restrict
     except ImportError as e:
-        print(f"error: restrict needs the export extra: pip install 'xmtf-onnx[export]' ({e})", file=sys.stderr)
-        return FAILED
+        return _missing("restrict", "export", e)
     record = restrict(args.folder, args.name, texts=args.tokens_from or (), token_ids=args.token_ids,
                       min_count=args.min_count, held_out_every=args.held_out_every, variant=args.variant,
                       force=args.force)
@@ -91,10 +99,8 @@ def _loadtest(args: argparse.Namespace) -> int:
     try:
         from xmtf_onnx.benchmarks.loadtest import main as loadtest_main
     except ImportError as e:
-        print(f"error: loadtest needs the bench extra: pip install 'xmtf-onnx[bench]' ({e})", file=sys.stderr)
-        return FAILED
-    forwarded = args.bench_args[1:] if args.bench_args[:1] == ["--"] else args.bench_args
-    return loadtest_main(forwarded)
+        return _missing("loadtest", "bench", e)
+    return loadtest_main(_forwarded(args))
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -105,8 +111,7 @@ def _serve(args: argparse.Namespace) -> int:
 
         from .serve import Limits, Server, build_app
     except ImportError as e:
-        print(f"error: serve needs the serve extra: pip install 'xmtf-onnx[serve]' ({e})", file=sys.stderr)
-        return FAILED
+        return _missing("serve", "serve", e)
     from .manifest import read_manifest
 
     read_manifest(args.model_dir)  # a wrong folder fails here, before the server starts
@@ -132,8 +137,7 @@ def _serve_ray(args: argparse.Namespace, limits, api_key: str | None) -> int:
 
         from .serve.ray_app import deployment
     except ImportError as e:
-        print(f"error: --ray needs the ray extra: pip install 'xmtf-onnx[ray]' ({e})", file=sys.stderr)
-        return FAILED
+        return _missing("--ray", "ray", e)
     ray.init(ignore_reinit_error=True, include_dashboard=False)
     serve.start(http_options={"host": args.host, "port": args.port})
     serve.run(deployment(args.model_dir, variant=args.variant, threads=args.threads or 1, num_replicas=args.replicas,
@@ -211,11 +215,8 @@ def _bench(args: argparse.Namespace) -> int:
     try:
         from xmtf_onnx.benchmarks.suite import main as bench_main
     except ImportError as e:
-        print(f"error: bench needs the export and bench extras: pip install 'xmtf-onnx[export,bench]' ({e})",
-              file=sys.stderr)
-        return FAILED
-    forwarded = args.bench_args[1:] if args.bench_args[:1] == ["--"] else args.bench_args
-    return bench_main(forwarded)
+        return _missing("bench", "export,bench", e)
+    return bench_main(_forwarded(args))
 
 
 def build_parser() -> argparse.ArgumentParser:
