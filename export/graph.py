@@ -123,6 +123,20 @@ class WeightFile:
         self.reserve(key, array.dtype, array.shape)
         self.write_rows(key, 0, array.reshape(array.shape or (1,)))
 
+    def tensor(self, name: str, key: str, shape: tuple[int, ...] | None = None) -> TensorProto:
+        """An initializer `name` over the bytes written under `key` (read as `shape` if given)."""
+        placement = self.placements[key]
+        shape = placement.shape if shape is None else tuple(shape)
+        if math.prod(shape) * placement.dtype.itemsize != placement.length:
+            raise RuntimeError(f"{name}: shape {shape} does not cover the {placement.length} bytes of {key}")
+        tensor = TensorProto(name=name, data_type=DTYPES[placement.dtype], dims=list(shape))
+        tensor.data_location = TensorProto.EXTERNAL
+        for entry_key, entry_value in (("location", self.name), ("offset", str(placement.offset)),
+                                       ("length", str(placement.length))):
+            entry = tensor.external_data.add()
+            entry.key, entry.value = entry_key, entry_value
+        return tensor
+
     def read(self, key: str) -> np.ndarray:
         """A written tensor, memory-mapped (to check what was written)."""
         placement = self.placements[key]
@@ -396,16 +410,7 @@ def save_graph(folder: str, graph: Graph, filename: str) -> None:
     """Write a graph whose initializers point into the (already written) weight files."""
     model = graph.to_model()
     for name, (weight_file, key, shape) in graph.initializers.items():
-        placement = weight_file.placements[key]
-        if math.prod(shape) * placement.dtype.itemsize != placement.length:
-            raise RuntimeError(f"{name}: shape {shape} does not cover the {placement.length} bytes of {key}")
-        tensor = TensorProto(name=name, data_type=DTYPES[placement.dtype], dims=list(shape))
-        tensor.data_location = TensorProto.EXTERNAL
-        for entry_key, entry_value in (("location", weight_file.name), ("offset", str(placement.offset)),
-                                       ("length", str(placement.length))):
-            entry = tensor.external_data.add()
-            entry.key, entry.value = entry_key, entry_value
-        model.graph.initializer.append(tensor)
+        model.graph.initializer.append(weight_file.tensor(name, key, shape))
     path = os.path.join(folder, filename)
     with open(path, "wb") as handle:
         handle.write(model.SerializeToString())

@@ -138,17 +138,7 @@ def _restricted_quantized_head(head_path: str, kept: np.ndarray, target: str, vo
         array = selected.get(tensor.name)
         array = _tensor_array(tensor, source_folder) if array is None else array
         weights.add(tensor.name, np.ascontiguousarray(array))
-        placement = weights.placements[tensor.name]
-        for data_field in ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
-            tensor.ClearField(data_field)
-        del tensor.dims[:]
-        tensor.dims.extend(placement.shape)
-        tensor.data_location = onnx.TensorProto.EXTERNAL
-        del tensor.external_data[:]
-        for key, value in (("location", weights.name), ("offset", str(placement.offset)),
-                           ("length", str(placement.length))):
-            entry = tensor.external_data.add()
-            entry.key, entry.value = key, value
+        tensor.CopyFrom(weights.tensor(tensor.name, tensor.name))  # now pointing into the variant's own file
     for output in model.graph.output:
         if output.name == "logits":
             output.type.tensor_type.shape.dim[-1].dim_value = len(kept)
