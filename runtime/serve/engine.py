@@ -67,6 +67,12 @@ class Request:
         return tuple(sorted((k, repr(v)) for k, v in self.options.items()
                             if k not in ("max_new_tokens", "min_new_tokens")))
 
+    def begin(self) -> None:
+        """No tokens yet: the engine starts this request's sequences."""
+        self.tokens = [[] for _ in range(self.sequences)]
+        self.token_logprobs = [[] for _ in range(self.sequences)]
+        self.finish = [None] * self.sequences
+
     def send(self, kind: str, payload: Any = None) -> None:
         """An event for the HTTP side, from the engine thread."""
         self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, payload))
@@ -204,9 +210,7 @@ class Engine:
             self.batch = self.model.continuous_batch(**options)
         owners, prompts, minimum = [], [], []
         for request in requests:
-            request.tokens = [[] for _ in range(request.sequences)]
-            request.token_logprobs = [[] for _ in range(request.sequences)]
-            request.finish = [None] * request.sequences
+            request.begin()
             for index, row in enumerate(request.rows):
                 owners.append((request, index))
                 prompts.append(row)
@@ -225,17 +229,9 @@ class Engine:
         requests = {}
         for (request, index), token in zip(owners, tokens):
             requests[id(request)] = request
-            if request.finish[index] is None and not request.cancelled:
-                request.tokens[index].append(int(token))
-                request.finish[index] = self._finished(request, index)
+            self._append(request, index, token)
         for request in requests.values():
-            if request.cancelled:
-                if self.metrics is not None:
-                    self.metrics.dropped.inc()
-                continue
-            if request.first_token_at is None:
-                request.first_token_at = now
-            request.send("done" if all(f is not None for f in request.finish) else "step")
+            self._tell(request, now)
         self.batch.keep(np.array([r.finish[i] is None and not r.cancelled for r, i in self.batch.owners], bool))
         if not self.batch.rows:
             self.batch, self.batch_key = None, None
@@ -252,34 +248,17 @@ class Engine:
         rows = [row for request in batch for row in request.rows]
         owners = [(request, index) for request in batch for index in range(request.sequences)]
         for request in batch:
-            request.tokens = [[] for _ in range(request.sequences)]
-            request.token_logprobs = [[] for _ in range(request.sequences)]
-            request.finish = [None] * request.sequences
+            request.begin()
         active = set(map(id, batch))
         steps = self.model.steps(rows, **options)
         try:
             for tokens, running, scores in steps:
                 now = time.monotonic()
                 for row, (request, index) in enumerate(owners):
-                    if id(request) not in active or request.finish[index] is not None or not running[row]:
-                        continue
-                    request.tokens[index].append(tokens[row])
-                    if scores is not None:
-                        request.token_logprobs[index].append(scores[row])
-                    request.finish[index] = self._finished(request, index)
+                    if id(request) in active and running[row]:
+                        self._append(request, index, tokens[row], None if scores is None else scores[row])
                 for request in batch:
-                    if id(request) not in active:
-                        continue
-                    if request.cancelled:
-                        active.discard(id(request))
-                        if self.metrics is not None:
-                            self.metrics.dropped.inc()
-                        continue
-                    if request.first_token_at is None:
-                        request.first_token_at = now
-                    done = all(f is not None for f in request.finish)
-                    request.send("done" if done else "step")
-                    if done:
+                    if id(request) in active and self._tell(request, now):
                         active.discard(id(request))
                 if not active:
                     break
@@ -289,6 +268,26 @@ class Engine:
             if id(request) in active:
                 request.finish = [f or "length" for f in request.finish]
                 request.send("done")
+
+    def _append(self, request: Request, index: int, token: int, score: float | None = None) -> None:
+        """A sequence's new token (and log-probability), unless it has finished or its request was cancelled."""
+        if request.finish[index] is None and not request.cancelled:
+            request.tokens[index].append(int(token))
+            if score is not None:
+                request.token_logprobs[index].append(score)
+            request.finish[index] = self._finished(request, index)
+
+    def _tell(self, request: Request, now: float) -> bool:
+        """Send the request its step (or done); True once it needs no more work (done, or cancelled and dropped)."""
+        if request.cancelled:
+            if self.metrics is not None:
+                self.metrics.dropped.inc()
+            return True
+        if request.first_token_at is None:
+            request.first_token_at = now
+        done = all(f is not None for f in request.finish)
+        request.send("done" if done else "step")
+        return done
 
     def _finished(self, request: Request, index: int) -> str | None:
         """Why this sequence ends after its latest token, or None: eos, a stop string, or max_tokens."""
