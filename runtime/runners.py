@@ -83,6 +83,11 @@ class Runner:
         return [ort.OrtValue.ortvalue_from_shape_and_type(shape, self.cache_dtype, self.device, 0)
                 for _ in self.past_names]
 
+    @staticmethod
+    def _attend_new(state: DecodeState, rows: int) -> None:
+        """The decoder's mask gains the position of the token this step feeds ([rows, total], one column more)."""
+        state.attention_mask = np.concatenate([state.attention_mask, np.ones((rows, 1), np.int64)], axis=1)
+
     def _decode(self, state: DecodeState, feeds: dict[str, np.ndarray], beam_idx: np.ndarray) -> np.ndarray:
         """One decoder call: feeds + past -> hidden [rows, d] on the host; presents stay on the device."""
         values = dict(zip(self.past_names, state.past))
@@ -215,7 +220,7 @@ class Seq2SeqRunner(Runner):
     def decode_step(self, state: DecodeState, tokens: np.ndarray, beam_idx: np.ndarray) -> np.ndarray:
         """tokens [rows], beam_idx [rows] (which row's cache each row continues) -> hidden [rows, d]"""
         rows = tokens.shape[0]
-        state.attention_mask = np.concatenate([state.attention_mask, np.ones((rows, 1), np.int64)], axis=1)
+        self._attend_new(state, rows)
         feeds = {"input_ids": tokens.reshape(-1, 1), "attention_mask": state.attention_mask,
                  "encoder_attention_mask": state.encoder_mask}
         return self._decode(state, feeds, beam_idx)
@@ -247,7 +252,7 @@ class DecoderRunner(Runner):
             # The cache still holds one row per prompt: row r of the expanded batch branches from r // expand.
             beam_idx = beam_idx // state.expand
         rows = tokens.shape[0]
-        state.attention_mask = np.concatenate([state.attention_mask, np.ones((rows, 1), np.int64)], axis=1)
+        self._attend_new(state, rows)
         feeds = {"input_ids": tokens.reshape(-1, 1), "attention_mask": state.attention_mask}
         return self._decode(state, feeds, beam_idx)
 
