@@ -12,7 +12,9 @@ LLAMA_CPP_LIB_PATH, a libllama.so built in that folder.
 from __future__ import annotations
 
 import ctypes
+import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -45,9 +47,6 @@ def _sentencepiece_view(checkpoint: str, work: str) -> str:
     """llama.cpp converts a T5 vocabulary from spiece.model only; a checkpoint with only tokenizer.json (the bench's
     presets: a word-level vocabulary) is given a folder of links to its files plus a SentencePiece model holding the
     same pieces at the same ids (the speed does not depend on the tokenizer; prompts are token ids)."""
-    import json
-    import shutil
-
     os.environ.setdefault("PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION", "python")
     from sentencepiece import sentencepiece_model_pb2
 
@@ -79,8 +78,6 @@ def _sentencepiece_view(checkpoint: str, work: str) -> str:
 
 def convert(checkpoint: str, source_tree: str, target: str, outtype: str = "f32") -> str:
     """checkpoint -> GGUF (f32 or f16) with llama.cpp's own converter; cached at target."""
-    import json
-
     if os.path.isfile(target):
         return target
     with open(os.path.join(checkpoint, "config.json"), encoding="utf-8") as handle:
