@@ -4,7 +4,9 @@ For each concurrency level, CONCURRENCY clients send REQUESTS streamed completio
 min = max tokens, so every request does the same work) and the report gives requests/s, generated tokens/s,
 time to first token and end-to-end p50/p99, and the error and 429 rates, as JSON, a markdown table and a plot.
 With --offline MODEL_DIR it first measures generate() in this process on the same prompts at batch 1 and at
-batch 16 (the server idle), the figures the served throughput is compared with. Localhost only.
+batch 16 (the server idle), the figures the served throughput is compared with. With --soak N (and --offline)
+it sends N mixed requests instead (lengths, sampling, beams, stop strings, streaming, clients hanging up) and
+checks every answer against generate() alone, with the server's memory over the run. Localhost only.
 """
 
 from __future__ import annotations
@@ -175,8 +177,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--offline", metavar="MODEL_DIR", help="also measure generate() on the same prompts")
     parser.add_argument("--variant", help="the variant --offline loads (the one the server runs)")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--soak", type=int, metavar="N",
+                        help="send N mixed requests from the largest --concurrency level and check each answer "
+                             "against generate() alone (needs --offline MODEL_DIR with a tokenizer)")
+    parser.add_argument("--seed", type=int, default=0, help="the soak's random plan")
     parser.add_argument("--out", default="bench-results/loadtest", help="where loadtest.json/.md/.png go")
     args = parser.parse_args(argv)
+    if args.soak is not None and (args.soak < 1 or not args.offline):
+        parser.error("--soak N needs N >= 1 and --offline MODEL_DIR (the folder the server runs)")
     host = urlparse(args.url).hostname
     if host not in LOCAL:
         parser.error(f"{host} is not this machine: the load test only targets localhost")
@@ -196,6 +204,8 @@ def main(argv: list[str] | None = None) -> int:
     report = {"created": time.strftime("%Y-%m-%d %H:%M:%S"), "url": args.url, "model": ready.json().get("model"),
               "variant": ready.json().get("variant"), "machine": machine(), "max_tokens": args.max_tokens,
               "command": "xmtf-onnx loadtest " + " ".join(argv or sys.argv[1:]), "levels": []}
+    if args.soak:
+        return _soak(args, report)
     if args.offline:
         print("== generate() offline (batch 1, batch 16)", file=sys.stderr, flush=True)
         report["offline"] = offline(args.offline, args.max_tokens, args.threads, args.variant)
@@ -205,16 +215,47 @@ def main(argv: list[str] | None = None) -> int:
         print(f"   {row['tokens_per_second']:.1f} tok/s, TTFT p50 {row['ttft_p50']}, errors {row['error_rate']:.2%}",
               file=sys.stderr, flush=True)
         report["levels"].append(row)
-    os.makedirs(args.out, exist_ok=True)
-    paths = [os.path.join(args.out, "loadtest.json"), os.path.join(args.out, "loadtest.md")]
-    with open(paths[0], "w", encoding="utf-8") as handle:
-        json.dump(report, handle, indent=1)
-    with open(paths[1], "w", encoding="utf-8") as handle:
-        handle.write(markdown(report))
-    picture = plot(report, os.path.join(args.out, "loadtest.png"))
-    for path in paths + ([picture] if picture else []):
-        print(path)
+    picture = _write(args.out, "loadtest", report, markdown(report))
+    if plot(report, picture):
+        print(picture)
     return 0
+
+
+def _write(folder: str, name: str, report: dict, text: str) -> str:
+    """report as NAME.json and NAME.md in the folder (paths printed) -> where NAME.png goes."""
+    os.makedirs(folder, exist_ok=True)
+    for suffix, write in ((".json", lambda h: json.dump(report, h, indent=1)), (".md", lambda h: h.write(text))):
+        path = os.path.join(folder, name + suffix)
+        with open(path, "w", encoding="utf-8") as handle:
+            write(handle)
+        print(path)
+    return os.path.join(folder, name + ".png")
+
+
+def _soak(args: argparse.Namespace, report: dict) -> int:
+    from xmtf_onnx.runtime import load
+
+    from . import soak
+
+    model = load(args.offline, threads=args.threads, variant=args.variant, verify=False)
+    if model.tokenizer is None:
+        print("error: the soak sends text and checks it: export the model with its tokenizer", file=sys.stderr)
+        return 1
+    clients = max(int(c) for c in args.concurrency.split(",") if c)
+    print(f"== the soak's expected answers: generate() alone on {soak.POOL} request kinds", file=sys.stderr, flush=True)
+    pool = soak.specs(model, prompts(64), soak.POOL, args.seed)
+    del model
+    print(f"== soak: {args.soak} requests from {clients} clients", file=sys.stderr, flush=True)
+    report["soak"] = asyncio.run(soak.run(args.url, pool, args.soak, clients, args.timeout, args.seed,
+                                          progress=lambda line: print(line, file=sys.stderr, flush=True)))
+    result = report["soak"]
+    text = "\n".join([f"# xmtf-onnx soak ({report['created']})", "",
+                      f"Server {report['url']} ({report.get('model')}, {report.get('variant')}); "
+                      f"{report['machine'].get('cpu', '?')}, {report['machine'].get('cores')} cores."]
+                     + soak.markdown(result) + ["", f"Reproduce: `{report['command']}`", ""])
+    _write(args.out, "soak", report, text)
+    print(text)
+    return 0 if not (result["errors"] or result["mismatched"] or result["duplicate_ids"]) else 1
 
 
 if __name__ == "__main__":

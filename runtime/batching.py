@@ -1,6 +1,6 @@
 """Continuous batching: greedy rows that join and leave one running batch between decode steps.
 
-Text-generation-inference's shape without paged attention: a new request is prefilled alone (exactly as
+Text-generation-inference's shape without paged attention: each new prompt is prefilled alone (exactly as
 generate() prefills it), its cache is padded and concatenated to the running batch's, and finished or cancelled
 rows are filtered out, so a short request never waits for a long one. A row's attention is unchanged by the
 padding: padded positions are masked, and BLOOM's ALiBi and mT5's relative position bias depend on distances.
@@ -15,6 +15,10 @@ import numpy as np
 
 from .errors import GenerationInputError
 from .generation import StepTimer, greedy_tokens
+
+# prompt tokens a server prefills between two decode steps (at least one request's): a burst of arrivals joins over
+# a few steps instead of stalling every running row for all their prefills at once (TGI's max_batch_prefill_tokens)
+DEFAULT_PREFILL_TOKENS = 256
 
 
 class ContinuousBatch:
@@ -44,13 +48,17 @@ class ContinuousBatch:
         return len(self.owners)
 
     def admit(self, prompts: Sequence[Sequence[int]], owners: Sequence[Any], min_tokens: Sequence[int]) -> np.ndarray:
-        """Prefill the prompts (token ids) as generate() would, join them to the batch -> their first tokens."""
-        ids, mask = self.model._batch(self.model._check_ids(list(prompts)), self.config.pad_token_id)
-        state = self.runner.begin(ids, mask, 1, 0)  # no request-sized buffers: the batch's cache is re-laid out
-        hidden = self.runner.prefill(state)  # [new rows, d]
+        """Prefill each prompt (token ids) alone, exactly as generate() prefills it, and join them to the batch
+        -> their first tokens."""
+        states, hidden = [], []
+        for prompt in self.model._check_ids(list(prompts)):
+            ids, mask = self.model._batch([prompt], self.config.pad_token_id)
+            state = self.runner.begin(ids, mask, 1, 0)  # no request-sized buffers: the batch's cache is re-laid out
+            hidden.append(self.runner.prefill(state))  # [1, d]
+            states.append(state)
         minimum = np.asarray(min_tokens, np.int64)
-        tokens = self._select(hidden, np.zeros(len(owners), np.int64), minimum)
-        self.state = state if self.state is None else self.runner.join(self.state, state)
+        tokens = self._select(np.concatenate(hidden), np.zeros(len(owners), np.int64), minimum)
+        self.state = self.runner.join(([self.state] if self.state is not None else []) + states)
         self.next_tokens = np.concatenate([self.next_tokens, tokens])
         self.generated = np.concatenate([self.generated, np.ones(len(owners), np.int64)])
         self.min_tokens = np.concatenate([self.min_tokens, minimum])

@@ -7,6 +7,7 @@ import json
 import signal
 import sys
 
+from .batching import DEFAULT_PREFILL_TOKENS
 from .errors import XmtfError
 
 FAILED = 1  # the command was well formed but could not do its job: a typed error (model, input, file) says why
@@ -116,6 +117,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     read_manifest(args.model_dir)  # a wrong folder fails here, before the server starts
     limits = Limits(max_batch_size=args.max_batch_size, max_queue=args.max_queue, max_body_bytes=args.max_body_bytes,
+                    max_prefill_tokens=args.max_prefill_tokens,
                     max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens, max_n=args.max_n,
                     max_beams=args.max_beams, request_timeout=args.request_timeout, drain_seconds=args.drain_seconds)
     api_key = args.api_key or os.environ.get("XMTF_API_KEY")
@@ -311,6 +313,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: the cores)")
     serve.add_argument("--max-batch-size", type=int, default=16, help="sequences per batch (default 16)")
     serve.add_argument("--max-queue", type=int, default=64, help="waiting requests before 429 (default 64)")
+    serve.add_argument("--max-prefill-tokens", type=int, default=DEFAULT_PREFILL_TOKENS,
+                       help="prompt tokens prefilled between two decode steps, at least one request's (default "
+                            f"{DEFAULT_PREFILL_TOKENS}): lower keeps the running rows' inter-token time steady under "
+                            "a burst, higher admits a burst sooner")
     serve.add_argument("--api-key", help="require Authorization: Bearer KEY on every endpoint but /health "
                                          "(or set XMTF_API_KEY)")
     serve.add_argument("--max-tokens", type=int, default=512, help="the largest max_tokens a request may ask")

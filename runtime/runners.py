@@ -13,6 +13,7 @@ the projection's bytes.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import numpy as np
 import onnxruntime as ort
@@ -134,35 +135,34 @@ class Runner:
         state.input_ids = state.input_ids[rows]
         state.buffers, state.capacity = None, 0
 
-    def join(self, first: DecodeState, second: DecodeState) -> DecodeState:
-        """The rows of both states in one: caches padded on the left to one length (masked there; ALiBi and mT5's
-        relative bias depend on distances, so a row's attention is unchanged), cross caches padded on the right."""
-        length = max(first.attention_mask.shape[1], second.attention_mask.shape[1])
+    def join(self, states: Sequence[DecodeState]) -> DecodeState:
+        """The rows of all the states in one: caches padded on the left to one length (masked there; ALiBi and
+        mT5's relative bias depend on distances, so a row's attention is unchanged), cross caches padded on the
+        right. Each cache is copied once, however many states join."""
+        if len(states) == 1:
+            return states[0]
 
-        def left(array: np.ndarray, axis: int, size: int) -> np.ndarray:
+        def pad(array: np.ndarray, axis: int, size: int, on_left: bool) -> np.ndarray:
             padding = [(0, 0)] * array.ndim
-            padding[axis] = (size - array.shape[axis], 0)
+            missing = size - array.shape[axis]
+            padding[axis] = (missing, 0) if on_left else (0, missing)
             return np.pad(array, padding)
 
-        def right(array: np.ndarray, axis: int, size: int) -> np.ndarray:
-            padding = [(0, 0)] * array.ndim
-            padding[axis] = (0, size - array.shape[axis])
-            return np.pad(array, padding)
+        def merged(arrays: list[np.ndarray], axis: int, on_left: bool) -> np.ndarray:
+            size = max(a.shape[axis] for a in arrays)
+            return np.concatenate([pad(a, axis, size, on_left) for a in arrays])
 
-        def merged(a: list, b: list, pad, axis: int) -> list:
-            size = max(a[0].shape()[axis], b[0].shape()[axis]) if a else 0
-            return [ort.OrtValue.ortvalue_from_numpy(
-                np.concatenate([pad(x.numpy(), axis, size), pad(y.numpy(), axis, size)]), self.device, 0)
-                for x, y in zip(a, b)]
+        def merged_values(lists: list[list], axis: int, on_left: bool) -> list[ort.OrtValue]:
+            return [ort.OrtValue.ortvalue_from_numpy(merged([v.numpy() for v in layer], axis, on_left), self.device, 0)
+                    for layer in zip(*lists)]
 
-        source = max(first.encoder_mask.shape[1], second.encoder_mask.shape[1]) if first.encoder_mask is not None else 0
-        prompt = max(first.input_ids.shape[1], second.input_ids.shape[1])
+        encoder = states[0].encoder_mask is not None
         return DecodeState(
-            input_ids=np.concatenate([left(first.input_ids, 1, prompt), left(second.input_ids, 1, prompt)]),
-            attention_mask=np.concatenate([left(first.attention_mask, 1, length), left(second.attention_mask, 1, length)]),
-            expand=1, past=merged(first.past, second.past, left, 2), cross=merged(first.cross, second.cross, right, 2),
-            encoder_mask=None if first.encoder_mask is None else np.concatenate(
-                [right(first.encoder_mask, 1, source), right(second.encoder_mask, 1, source)]))
+            input_ids=merged([s.input_ids for s in states], 1, True),
+            attention_mask=merged([s.attention_mask for s in states], 1, True), expand=1,
+            past=merged_values([s.past for s in states], 2, True),
+            cross=merged_values([s.cross for s in states], 2, False),
+            encoder_mask=merged([s.encoder_mask for s in states], 1, False) if encoder else None)
 
     def logits(self, hidden: np.ndarray) -> np.ndarray:
         """hidden [rows, d] -> logits [rows, columns] (every token, or a restricted variant's), a fresh buffer the

@@ -257,3 +257,18 @@ def test_ray_serve_replica_answers_like_generate(bloom_export):
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+def test_soak_mixed_requests_with_hang_ups_each_equal_generate_alone(served, tmp_path):
+    """The load test's soak: mixed lengths and options, streamed or not, clients hanging up mid-stream, from
+    8 clients at once; every answer equals generate() of its request alone, none lost or duplicated."""
+    from xmtf_onnx.benchmarks.loadtest import main as loadtest
+
+    running, model = served
+    assert loadtest([running.url, "--concurrency", "8", "--soak", "80", "--offline", running.server.folder,
+                     "--out", str(tmp_path)]) == 0
+    soak = json.loads((tmp_path / "soak.json").read_text())["soak"]
+    assert soak["answered"] + soak["hung_up"] == 80 and soak["errors"] == 0 and soak["mismatched"] == 0
+    assert soak["hung_up"] > 0 and soak["duplicate_ids"] == 0
+    assert {"sample_n2", "beams", "stop", "greedy"} <= set(soak["answered_by_kind"])  # the mix really ran
+    assert soak["rss_mb"] and "server RSS" in (tmp_path / "soak.md").read_text()

@@ -31,6 +31,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response, Strea
 from starlette.routing import Route
 
 from ..errors import GenerationInputError, XmtfError
+from ..batching import DEFAULT_PREFILL_TOKENS
 from .engine import Engine, QueueFullError, Request, completion_id
 from .metrics import Metrics
 
@@ -46,6 +47,7 @@ UNSUPPORTED = {"echo", "best_of", "suffix", "logit_bias", "presence_penalty", "f
 class Limits:
     max_batch_size: int = 16
     max_queue: int = 64
+    max_prefill_tokens: int = DEFAULT_PREFILL_TOKENS
     max_body_bytes: int = 1 << 20
     max_prompt_tokens: int = 1024
     max_tokens: int = 512
@@ -88,7 +90,8 @@ class Server:
 
         try:
             self.model = load(self.folder, provider=self.provider, threads=self.threads, variant=self.variant)
-            self.engine = Engine(self.model, self.limits.max_batch_size, self.limits.max_queue, self.metrics)
+            self.engine = Engine(self.model, self.limits.max_batch_size, self.limits.max_queue, self.metrics,
+                                 self.limits.max_prefill_tokens)
             self.engine.start()
         except Exception as e:
             self.load_error = f"{type(e).__name__}: {e}"

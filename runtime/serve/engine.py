@@ -1,7 +1,8 @@
 """The engine: one thread that owns the model and runs the requests, step by step.
 
 Greedy requests (the common case) are batched continuously: between two decode steps new requests join the
-running batch (each prefilled alone, as generate() would, its cache padded and concatenated) and finished or
+running batch (each prompt prefilled alone, as generate() would, its cache padded and concatenated; at most
+max_prefill_tokens prompt tokens between two steps, so a burst joins over a few steps) and finished or
 cancelled rows leave it, so a short request never waits for a long one and a request's answer is what
 generate() gives it alone. Sampling and beam-search requests run alone between batches (a seeded request is
 reproducible). Variants whose rows depend on their batch-mates (int8-dynamic: one activation scale per batch)
@@ -20,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from ..batching import DEFAULT_PREFILL_TOKENS
 from ..errors import XmtfError
 
 POLL_SECONDS = 0.05  # how often an idle engine looks at its stop flag
@@ -79,9 +81,11 @@ class Request:
 
 
 class Engine:
-    def __init__(self, model, max_batch_size: int = 16, max_queue: int = 64, metrics=None):
+    def __init__(self, model, max_batch_size: int = 16, max_queue: int = 64, metrics=None,
+                 max_prefill_tokens: int = DEFAULT_PREFILL_TOKENS):
         self.model = model
         self.max_batch_size = max_batch_size
+        self.max_prefill_tokens = max_prefill_tokens
         self.max_queue = max_queue
         self.metrics = metrics
         self.eos = set(model.tokens.get("eos_token_id") or [])
@@ -171,16 +175,19 @@ class Engine:
             self.batch_key = first.key()
         elif not joinable or first.key() != self.batch_key:
             return [], []  # the oldest request waits for the batch to drain: no new joins, no starvation
-        admit, rows = [], self._rows()
+        admit, rows, prefill = [], self._rows(), 0
         for request in list(self._pending):
             if request.cancelled:
                 self._pending.remove(request)
             elif request.continuous and request.key() == self.batch_key:
-                if rows + len(request.rows) > self.max_batch_size and (rows or admit):
+                tokens = sum(map(len, request.rows))
+                if (rows + len(request.rows) > self.max_batch_size and (rows or admit)) or \
+                        (prefill + tokens > self.max_prefill_tokens and admit):
                     break
                 self._pending.remove(request)
                 admit.append(request)
                 rows += len(request.rows)
+                prefill += tokens
             else:
                 break  # keep arrival order: later requests do not overtake an incompatible one
         return admit, []

@@ -1,8 +1,10 @@
-"""Prometheus metrics of one server: requests by outcome, queue depth, batch sizes, latencies, tokens."""
+"""Prometheus metrics of one server: requests by outcome, queue depth, batch sizes, latencies, tokens, and the
+process (resident memory, CPU time)."""
 
 from __future__ import annotations
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector,
+                               generate_latest)
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
@@ -14,6 +16,7 @@ class Metrics:
 
     def __init__(self):
         self.registry = CollectorRegistry()
+        ProcessCollector(registry=self.registry)  # process_resident_memory_bytes, cpu seconds, open fds (Linux)
         self.requests = Counter("xmtf_requests", "Completion requests by outcome", ["outcome"], registry=self.registry)
         self.queue_depth = Gauge("xmtf_queue_depth", "Requests waiting for the engine", registry=self.registry)
         self.batch_size = Histogram("xmtf_batch_size", "Sequences per batch the engine ran",
