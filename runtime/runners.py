@@ -123,15 +123,23 @@ class Runner:
     # ---- continuous batching: rows join and leave a running batch between steps (TGI's filter / concatenate) ----
 
     def keep(self, state: DecodeState, rows: np.ndarray) -> None:
-        """Drop every row of the state but `rows` (cache, cross cache and masks)."""
-        def take(values):
-            return [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v.numpy()[rows]), self.device, 0)
-                    for v in values]
-
-        state.past, state.cross = take(state.past), take(state.cross)
-        state.attention_mask = state.attention_mask[rows]
+        """Drop every row of the state but `rows` (cache, cross cache and masks), and the cache positions no kept
+        row attends: the left padding of rows that left (else a batch that never empties grows without end),
+        and the cross cache's right padding."""
+        mask = state.attention_mask[rows]  # [kept, total]
+        start = int(np.argmax(mask.any(axis=0))) if mask.size else 0
+        source = slice(None)
         if state.encoder_mask is not None:
-            state.encoder_mask = state.encoder_mask[rows]
+            encoder = state.encoder_mask[rows]  # [kept, source]
+            source = slice(0, int(np.flatnonzero(encoder.any(axis=0))[-1]) + 1 if encoder.any() else None)
+            state.encoder_mask = encoder[:, source]
+
+        def take(values, positions):
+            return [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v.numpy()[rows][:, :, positions]),
+                                                     self.device, 0) for v in values]
+
+        state.past, state.cross = take(state.past, slice(start, None)), take(state.cross, source)
+        state.attention_mask = mask[:, start:]
         state.input_ids = state.input_ids[rows]
         state.buffers, state.capacity = None, 0
 

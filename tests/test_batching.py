@@ -73,3 +73,32 @@ def test_batch_invariance_is_known_per_variant(family, tmp_path):
     folder = export(str(family["checkpoint"]), tmp_path / "q", quantize=["int8-dynamic", "int4-weight"], progress=False)
     assert load(folder).batch_invariant and load(folder, variant="int4-weight").batch_invariant
     assert not load(folder, variant="int8-dynamic").batch_invariant
+
+
+def test_a_batch_that_never_empties_keeps_only_the_cache_its_rows_attend(family):
+    """Rows keep joining and leaving: the cache never holds the positions of rows that left (their left padding),
+    nor encoder positions no row has, and every row still gets what generate() gives it alone."""
+    model = load(family["export"])
+    prompts = _prompts(family, model, 6)
+    alone = [model.generate(input_ids=[p], max_new_tokens=4).sequences[0] for p in prompts]
+    batch = model.continuous_batch()
+    got: dict[int, list[int]] = {}
+    waiting = list(range(len(prompts)))
+    for round_ in range(40):
+        if waiting and round_ % 2 == 0:
+            index = waiting.pop(0)
+            got[index] = [int(batch.admit([prompts[index]], [index], [0])[0])]
+        elif batch.rows:
+            for index, token in zip(batch.owners, batch.step()):
+                got[index].append(int(token))
+        batch.keep(np.array([len(got[i]) < 4 and got[i][-1] not in model.tokens["eos_token_id"]
+                             for i in batch.owners]))
+        if batch.rows:
+            state = batch.state
+            # the fed tokens: BLOOM's prompt or mT5's start token, then every token but the latest
+            fed = {i: (len(prompts[i]) if model.kind == "decoder" else 1) + len(got[i]) - 1 for i in batch.owners}
+            longest = max(fed.values())
+            assert state.past[0].shape()[2] == state.attention_mask.shape[1] == longest
+            if state.encoder_mask is not None:
+                assert state.encoder_mask.shape[1] == max(len(prompts[i]) for i in batch.owners)
+    assert got == dict(enumerate(alone))
