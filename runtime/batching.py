@@ -58,7 +58,7 @@ class ContinuousBatch:
             states.append(state)
         minimum = np.asarray(min_tokens, np.int64)
         tokens = self._select(np.concatenate(hidden), np.zeros(len(owners), np.int64), minimum)
-        self.state = self.runner.join(([self.state] if self.state is not None else []) + states)
+        self.state = self.runner.join(self.state, states)
         self.next_tokens = np.concatenate([self.next_tokens, tokens])
         self.generated = np.concatenate([self.generated, np.ones(len(owners), np.int64)])
         self.min_tokens = np.concatenate([self.min_tokens, minimum])
@@ -73,17 +73,19 @@ class ContinuousBatch:
         return tokens
 
     def keep(self, keep: np.ndarray) -> None:
-        """Keep the rows where keep [rows] is true (the others finished or were cancelled)."""
+        """Keep the rows where keep [rows] is true (the others finished or were cancelled); rows may change
+        places (owners says which is which)."""
         rows = np.flatnonzero(keep)
         if rows.size == self.rows:
             return
-        self.owners = [self.owners[i] for i in rows]
-        self.next_tokens, self.generated, self.min_tokens = (self.next_tokens[rows], self.generated[rows],
-                                                             self.min_tokens[rows])
-        if rows.size:
-            self.runner.keep(self.state, rows)
-        else:
-            self.state = None
+        if not rows.size:
+            self.state, self.owners = None, []
+            self.next_tokens, self.generated, self.min_tokens = (np.zeros(0, np.int64),) * 3
+            return
+        order = self.runner.keep(self.state, rows)
+        self.owners = [self.owners[i] for i in order]
+        self.next_tokens, self.generated, self.min_tokens = (self.next_tokens[order], self.generated[order],
+                                                             self.min_tokens[order])
 
     def _select(self, hidden: np.ndarray, generated: np.ndarray, min_tokens: np.ndarray) -> np.ndarray:
         """Greedy tokens (through the greedy screen where the variant has one); eos barred from rows still under
