@@ -195,10 +195,13 @@ def report(results: list[tuple[dict, dict]], rss: list[tuple[float, float]], sec
     by_kind: dict[str, int] = {}
     for spec, _ in finished:
         by_kind[spec["kind"]] = by_kind.get(spec["kind"], 0) + 1
+    wrong_by_kind: dict[str, int] = {}
+    for item in wrong:
+        wrong_by_kind[item["kind"]] = wrong_by_kind.get(item["kind"], 0) + 1
     return {
         "requests": len(results), "concurrency": concurrency, "seconds": seconds,
         "answered": len(finished), "hung_up": hung_up, "errors": len(errors), "error_examples": errors[:5],
-        "mismatched": len(wrong), "mismatch_examples": wrong[:3], "duplicate_ids": len(ids) - len(set(ids)),
+        "mismatched": len(wrong), "mismatched_by_kind": wrong_by_kind, "mismatch_examples": wrong[:3], "duplicate_ids": len(ids) - len(set(ids)),
         "answered_by_kind": by_kind, "server_outcomes": server_outcomes,
         "rss_mb": [[round(t, 1), round(v / 2**20, 1)] for t, v in rss],
         "rss_start_mb": float(values[0] / 2**20) if values.size else None,
@@ -214,7 +217,8 @@ def markdown(soak: dict) -> list[str]:
     return ["", f"## Soak: {soak['requests']} mixed requests, {soak['concurrency']} clients, {soak['seconds']:.0f} s", "",
             f"- answered {soak['answered']} (by kind: "
             + ", ".join(f"{k} {v}" for k, v in sorted(soak['answered_by_kind'].items())) + f"); hung up mid-stream "
-            f"{soak['hung_up']}; errors {soak['errors']}; answers unequal to generate() alone {soak['mismatched']}; "
+            f"{soak['hung_up']}; errors {soak['errors']}; answers unequal to generate() alone {soak['mismatched']} "
+            f"{soak['mismatched_by_kind'] or ''}; "
             f"duplicate ids {soak['duplicate_ids']}",
             f"- server outcomes in the run: " + ", ".join(f"{k.split('outcome=')[-1].strip(chr(34) + '}')} "
                                                        f"{v:.0f}" for k, v in sorted(soak['server_outcomes'].items())),

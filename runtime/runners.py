@@ -36,11 +36,6 @@ class DecodeState:
     # CPU: two sets of flat buffers, one per present, holding the cache of alternate steps (ping-pong)
     buffers: list[list[np.ndarray]] | None = None
     flip: int = 0
-    # continuous batching on the CPU: the caches live in arrays of `slots` rows ([slots, heads, length, d]; the
-    # batch's rows are the first ones), so a row that joins or leaves moves one row, not the whole cache
-    slots: int = 0
-    past_arrays: list[np.ndarray] | None = None
-    cross_arrays: list[np.ndarray] | None = None
 
 
 def _run(session: ort.InferenceSession, device: str, cpu_inputs: dict[str, np.ndarray],
@@ -114,10 +109,6 @@ class Runner:
         after, of which 2 x 352 MB are the past and present held together)."""
         shape = [rows, self.num_heads, length, self.head_dim]
         size = rows * self.num_heads * length * self.head_dim
-        if self.device == "cpu" and state.slots:  # a continuous batch: presents in arrays with its free slots
-            state.past_arrays = [np.empty([state.slots] + shape[1:], self.cache_dtype) for _ in self.present_names]
-            return {name: ort.OrtValue.ortvalue_from_numpy(array[:rows])
-                    for name, array in zip(self.present_names, state.past_arrays)}
         if self.device != "cpu" or not state.capacity or length > state.capacity:
             return {name: ort.OrtValue.ortvalue_from_shape_and_type(shape, self.cache_dtype, self.device, 0)
                     for name in self.present_names}
@@ -131,94 +122,44 @@ class Runner:
 
     # ---- continuous batching: rows join and leave a running batch between steps (TGI's filter / concatenate) ----
 
-    def keep(self, state: DecodeState, rows: np.ndarray) -> np.ndarray:
-        """Keep the rows `rows` (ascending) of a continuous batch's state, the others leave -> the new order (row i
-        is the old row order[i]): each leaving row's slot takes a kept row from the end, one row copied per move.
-        Cache positions no kept row attends (the left padding of rows that left, the cross cache's right padding)
-        go once they are a quarter of the cache: a batch that never empties stays the size its rows need."""
-        kept = set(rows.tolist())
-        holes = [i for i in range(rows.size) if i not in kept]  # slots below the kept count whose row left
-        movers = [r for r in rows.tolist() if r >= rows.size]  # kept rows beyond it
-        order = np.arange(rows.size)
-        order[holes] = movers
-        past, cross = self._arrays(state)
-        for array in past + cross:
-            array[holes] = array[movers]
-        state.attention_mask, state.input_ids = state.attention_mask[order], state.input_ids[order]
-        mask = state.attention_mask  # [kept, total]
-        start = int(np.argmax(mask.any(axis=0))) if mask.size else 0
-        if 4 * start >= mask.shape[1] > 0:
-            past = [np.ascontiguousarray(a[:, :, start:]) for a in past]
-            state.attention_mask = mask[:, start:]
-        if state.encoder_mask is not None:
-            encoder = state.encoder_mask = state.encoder_mask[order]  # [kept, source]
-            end = int(np.flatnonzero(encoder.any(axis=0))[-1]) + 1 if encoder.any() else 0
-            if 4 * end <= 3 * encoder.shape[1]:
-                cross = [np.ascontiguousarray(a[:, :, :end]) for a in cross]
-                state.encoder_mask = encoder[:, :end]
-        self._bind(state, past, cross, rows.size)
-        return order
-
-    def join(self, state: DecodeState | None, new: Sequence[DecodeState]) -> DecodeState:
-        """A continuous batch's state (or None) with the rows of the new states (one prefilled prompt each) after
-        its own: caches padded on the left to one length (masked there; ALiBi and mT5's relative bias depend on
-        distances, so a row's attention is unchanged), cross caches padded on the right. The new rows are
-        written into free slots; the whole cache is laid out again only when it must grow."""
-        count = state.attention_mask.shape[0] if state is not None else 0
-        rows = count + len(new)
-        news = [self._arrays(s) for s in new]
-        masks = ([state.attention_mask] if state else []) + [s.attention_mask for s in new]
-        length = max(m.shape[1] for m in masks)
-        sources = ([state.encoder_mask] if state else []) + [s.encoder_mask for s in new]
-        source = max(m.shape[1] for m in sources) if sources[0] is not None else 0
-        past, cross = self._arrays(state) if state is not None else ([], [])
-        slots = state.slots if state is not None else 0
-        if state is None or rows > slots or length > past[0].shape[2] or (cross and source > cross[0].shape[2]):
-            slots = slots if rows <= slots else max(rows, 2 * slots, 4)
-            past = [self._relaid(a[:count], slots, length, True) for a in past] or \
-                [np.zeros((slots,) + a.shape[1:2] + (length,) + a.shape[3:], a.dtype) for a in news[0][0]]
-            cross = [self._relaid(a[:count], slots, source, False) for a in cross] or \
-                [np.zeros((slots,) + a.shape[1:2] + (source,) + a.shape[3:], a.dtype) for a in news[0][1]]
-        for row, (new_past, new_cross) in enumerate(news, start=count):
-            for target, value in zip(past, new_past):  # [1, heads, own length, d] -> left padded
-                target[row, :, :length - value.shape[2]] = 0
-                target[row, :, length - value.shape[2]:] = value[0]
-            for target, value in zip(cross, new_cross):  # [1, heads, own source, d] -> right padded
-                target[row, :, value.shape[2]:] = 0
-                target[row, :, :value.shape[2]] = value[0]
-        pad = lambda m, size, on_left: np.pad(m, [(0, 0), (size - m.shape[1], 0) if on_left else (0, size - m.shape[1])])  # noqa: E731
-        prompt = max(s.input_ids.shape[1] for s in ([state] if state else []) + list(new))
-        joined = DecodeState(
-            input_ids=np.concatenate([pad(s.input_ids, prompt, True) for s in ([state] if state else []) + list(new)]),
-            attention_mask=np.concatenate([pad(m, length, True) for m in masks]), expand=1, slots=slots,
-            encoder_mask=np.concatenate([pad(m, source, False) for m in sources]) if source else None)
-        self._bind(joined, past, cross, rows)
-        return joined
-
     @staticmethod
-    def _relaid(array: np.ndarray, slots: int, length: int, on_left: bool) -> np.ndarray:
-        """[rows, heads, l, d] -> zeros [slots, heads, length, d] holding it on the left or right of axis 2."""
-        out = np.zeros((slots, array.shape[1], length, array.shape[3]), array.dtype)
-        if on_left:
-            out[:array.shape[0], :, length - array.shape[2]:] = array
-        else:
-            out[:array.shape[0], :, :array.shape[2]] = array
-        return out
+    def shape_key(state: DecodeState) -> tuple[int, int]:
+        """States with equal keys hold caches of equal lengths: they join without padding."""
+        source = state.encoder_mask.shape[1] if state.encoder_mask is not None else 0
+        return state.attention_mask.shape[1], source
 
-    def _arrays(self, state: DecodeState) -> tuple[list[np.ndarray], list[np.ndarray]]:
-        """The host arrays of the state's past and cross caches: a continuous batch's slot arrays on the CPU
-        (rows beyond the batch are free slots), else copies of the OrtValues."""
-        if self.device == "cpu" and state.past_arrays is not None:
-            return state.past_arrays, state.cross_arrays
-        return [v.numpy() for v in state.past], [v.numpy() for v in state.cross]
+    def keep(self, state: DecodeState, rows: np.ndarray) -> None:
+        """Drop every row of the state but `rows` (cache, cross cache and masks)."""
+        def take(values):
+            return [ort.OrtValue.ortvalue_from_numpy(v.numpy()[rows], self.device, 0) for v in values]
 
-    def _bind(self, state: DecodeState, past: list[np.ndarray], cross: list[np.ndarray], rows: int) -> None:
-        """The state's caches become the first `rows` rows of these arrays (shared on the CPU, copied elsewhere)."""
-        state.past_arrays, state.cross_arrays = (past, cross) if self.device == "cpu" else (None, None)
-        state.slots = past[0].shape[0] if self.device == "cpu" else 0
-        state.past = [ort.OrtValue.ortvalue_from_numpy(a[:rows], self.device, 0) for a in past]
-        state.cross = [ort.OrtValue.ortvalue_from_numpy(a[:rows], self.device, 0) for a in cross]
+        state.past, state.cross = take(state.past), take(state.cross)
+        state.attention_mask, state.input_ids = state.attention_mask[rows], state.input_ids[rows]
+        if state.encoder_mask is not None:
+            state.encoder_mask = state.encoder_mask[rows]
         state.buffers, state.capacity = None, 0
+
+    def join(self, states: Sequence[DecodeState]) -> DecodeState:
+        """The rows of states with equal shape keys (caches of one length) in one state, nothing padded: a row's
+        numbers are the same as alone. (Padding would not be: onnxruntime's CPU MatMul and ReduceSum group a
+        sum's terms by their position, so a row padded to another length rounds differently, and a near-tie
+        of a greedy step can then flip.)"""
+        if len({self.shape_key(s) for s in states}) != 1:
+            raise ValueError("only states with caches of equal lengths join")
+        if len(states) == 1:
+            return states[0]
+
+        def merged(lists: list[list]) -> list[ort.OrtValue]:
+            return [ort.OrtValue.ortvalue_from_numpy(np.concatenate([v.numpy() for v in layer]), self.device, 0)
+                    for layer in zip(*lists)]
+
+        prompt = max(s.input_ids.shape[1] for s in states)
+        pad = lambda ids: np.pad(ids, [(0, 0), (prompt - ids.shape[1], 0)])  # noqa: E731  (history only)
+        return DecodeState(input_ids=np.concatenate([pad(s.input_ids) for s in states]),
+                           attention_mask=np.concatenate([s.attention_mask for s in states]), expand=1,
+                           past=merged([s.past for s in states]), cross=merged([s.cross for s in states]),
+                           encoder_mask=None if states[0].encoder_mask is None else
+                           np.concatenate([s.encoder_mask for s in states]))
 
     def logits(self, hidden: np.ndarray) -> np.ndarray:
         """hidden [rows, d] -> logits [rows, columns] (every token, or a restricted variant's), a fresh buffer the

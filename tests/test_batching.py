@@ -75,33 +75,34 @@ def test_batch_invariance_is_known_per_variant(family, tmp_path):
     assert not load(folder, variant="int8-dynamic").batch_invariant
 
 
-def test_a_batch_that_never_empties_keeps_only_the_cache_its_rows_attend(family):
-    """Rows keep joining and leaving: the cache never keeps a quarter of positions no row attends (the left padding
-    of rows that left, encoder positions no row has), and every row still gets what generate() gives it alone."""
+def test_rows_are_never_padded_and_cohorts_of_one_length_share_a_decoder_run(family):
+    """Rows keep joining and leaving: each cohort's cache is exactly its rows' length (nothing padded, so a row's
+    numbers are those of generate() alone), rows that joined together with prompts of one length share a
+    cohort, and every row gets what generate() gives it alone."""
     model = load(family["export"])
-    prompts = _prompts(family, model, 6)
+    prompts = _prompts(family, model, 5)
+    prompts = prompts + [list(prompts[0])]  # a second row like the first: they share a cohort
     alone = [model.generate(input_ids=[p], max_new_tokens=4).sequences[0] for p in prompts]
     batch = model.continuous_batch()
     got: dict[int, list[int]] = {}
-    waiting = list(range(len(prompts)))
+    waiting = [[0, 5], [1], [2], [3], [4]]
     for round_ in range(40):
         if waiting and round_ % 2 == 0:
-            index = waiting.pop(0)
-            got[index] = [int(batch.admit([prompts[index]], [index], [0])[0])]
+            indices = waiting.pop(0)
+            for index, token in zip(indices, batch.admit([prompts[i] for i in indices], indices, [0] * len(indices))):
+                got[index] = [int(token)]
+            if indices == [0, 5]:
+                assert len(batch.cohorts) == 1 and batch.cohorts[0].owners == [0, 5]
         elif batch.rows:
             for index, token in zip(batch.owners, batch.step()):
                 got[index].append(int(token))
         batch.keep(np.array([len(got[i]) < 4 and got[i][-1] not in model.tokens["eos_token_id"]
                              for i in batch.owners]))
-        if batch.rows:
-            state = batch.state
+        for cohort in batch.cohorts:
             # the fed tokens: BLOOM's prompt or mT5's start token, then every token but the latest
-            fed = {i: (len(prompts[i]) if model.kind == "decoder" else 1) + len(got[i]) - 1 for i in batch.owners}
-            longest = max(fed.values())
-            length = state.attention_mask.shape[1]
-            assert state.past[0].shape()[2] == length and 4 * (length - longest) < length  # under a quarter unused
-            if state.encoder_mask is not None:
-                source = state.encoder_mask.shape[1]
-                assert state.cross[0].shape()[2] == source
-                assert 4 * (source - max(len(prompts[i]) for i in batch.owners)) < source
+            fed = {(len(prompts[i]) if model.kind == "decoder" else 1) + len(got[i]) - 1 for i in cohort.owners}
+            assert len(fed) == 1 and cohort.state.past[0].shape()[2] == cohort.state.attention_mask.shape[1] == fed.pop()
+            assert cohort.state.attention_mask.all()  # no padded position
+            if cohort.state.encoder_mask is not None:
+                assert cohort.state.encoder_mask.all()
     assert got == dict(enumerate(alone))

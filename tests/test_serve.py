@@ -7,6 +7,7 @@ import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import pytest
@@ -272,3 +273,21 @@ def test_soak_mixed_requests_with_hang_ups_each_equal_generate_alone(served, tmp
     assert soak["hung_up"] > 0 and soak["duplicate_ids"] == 0
     assert {"sample_n2", "beams", "stop", "greedy"} <= set(soak["answered_by_kind"])  # the mix really ran
     assert soak["rss_mb"] and "server RSS" in (tmp_path / "soak.md").read_text()
+
+
+def test_the_two_machine_ray_config_is_a_valid_serve_deploy_file():
+    """docs/serve/ray-two-machines.yaml (the README's cluster config) parses as Ray Serve's deploy schema and
+    its args build the deployment: one replica per machine, each asking for the machine's cores."""
+    yaml = pytest.importorskip("yaml")
+    pytest.importorskip("ray.serve")
+    from ray.serve.schema import ServeDeploySchema
+
+    from xmtf_onnx.runtime.serve.ray_app import build
+
+    path = Path(__file__).resolve().parents[1] / "docs" / "serve" / "ray-two-machines.yaml"
+    config = ServeDeploySchema.model_validate(yaml.safe_load(path.read_text()))
+    (application,) = config.applications
+    assert application.import_path == "xmtf_onnx.runtime.serve.ray_app:build"
+    bound = build(application.args)
+    options = bound._bound_deployment._deployment_config
+    assert options.num_replicas == 2 and bound._bound_deployment.ray_actor_options["num_cpus"] == 16
