@@ -47,7 +47,9 @@ class ContinuousBatch:
     admit() prefills new prompts and returns their first tokens; step() advances every row by one token;
     keep() drops rows. Rows are tagged by the caller (`owners`, in row order: read it after admit and keep)."""
 
-    def __init__(self, model, **options: Any):
+    def __init__(self, model, padded: bool = False, **options: Any):
+        """padded: one cohort, rows padded to its lengths (text-generation-inference's batch): the decoder runs
+        once per step for every row, faster, but a row's tokens can differ from generate() alone at near-ties."""
         config = model._config(dict(options, max_new_tokens=1))
         if config.do_sample or config.num_beams > 1 or config.repetition_penalty != 1.0 or \
                 config.no_repeat_ngram_size > 0 or config.output_scores:
@@ -57,6 +59,7 @@ class ContinuousBatch:
         self.config = dataclasses.replace(config, min_new_tokens=0)
         self.eos_suppressed = dataclasses.replace(config, min_new_tokens=1)  # with generated=0: no eos yet
         self.cohorts: list[Cohort] = []
+        self.padded = padded
         self.timer = StepTimer()
 
     @property
@@ -113,10 +116,11 @@ class ContinuousBatch:
         self.cohorts = cohorts
 
     def _merge(self) -> None:
-        """Cohorts with caches of one length become one (nothing padded), in the order of their first member."""
+        """Cohorts with caches of one length become one (nothing padded), in the order of their first member;
+        padded: every cohort becomes one."""
         groups: dict[tuple, list[Cohort]] = {}
         for cohort in self.cohorts:
-            groups.setdefault(self.runner.shape_key(cohort.state), []).append(cohort)
+            groups.setdefault(() if self.padded else self.runner.shape_key(cohort.state), []).append(cohort)
         if len(groups) == len(self.cohorts):
             return
         merged = []

@@ -184,12 +184,13 @@ class Model:
         quantization = self.manifest.variant(self.variant).get("quantization") or {}
         return quantization.get("method") != "dynamic"
 
-    def continuous_batch(self, **options):
+    def continuous_batch(self, padded: bool = False, **options):
         """A ContinuousBatch (runtime/batching.py): greedy rows that join and leave between decode steps; the
-        options are generate()'s, shared by its rows (min_new_tokens is per row, given at admit)."""
+        options are generate()'s, shared by its rows (min_new_tokens is per row, given at admit). padded: rows
+        padded into one decoder run (faster; tokens can differ from generate() alone at near-ties)."""
         from .batching import ContinuousBatch
 
-        return ContinuousBatch(self, **options)
+        return ContinuousBatch(self, padded=padded, **options)
 
     def check_options(self, **options) -> None:
         """Raise GenerationInputError if generate() would refuse these options (names and values)."""

@@ -129,37 +129,53 @@ class Runner:
         return state.attention_mask.shape[1], source
 
     def keep(self, state: DecodeState, rows: np.ndarray) -> None:
-        """Drop every row of the state but `rows` (cache, cross cache and masks)."""
-        def take(values):
-            return [ort.OrtValue.ortvalue_from_numpy(v.numpy()[rows], self.device, 0) for v in values]
-
-        state.past, state.cross = take(state.past), take(state.cross)
-        state.attention_mask, state.input_ids = state.attention_mask[rows], state.input_ids[rows]
+        """Drop every row of the state but `rows` (cache, cross cache and masks), and the cache positions no kept
+        row attends (the left padding of rows that left a padded batch, the cross cache's right padding)."""
+        mask = state.attention_mask[rows]  # [kept, total]
+        start = int(np.argmax(mask.any(axis=0)))
+        source = slice(None)
         if state.encoder_mask is not None:
-            state.encoder_mask = state.encoder_mask[rows]
+            encoder = state.encoder_mask[rows]  # [kept, source]
+            source = slice(0, int(np.flatnonzero(encoder.any(axis=0))[-1]) + 1)
+            state.encoder_mask = encoder[:, source]
+
+        def take(values, positions):
+            return [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v.numpy()[:, :, positions][rows]),
+                                                     self.device, 0) for v in values]
+
+        state.past, state.cross = take(state.past, slice(start, None)), take(state.cross, source)
+        state.attention_mask, state.input_ids = mask[:, start:], state.input_ids[rows]
         state.buffers, state.capacity = None, 0
 
     def join(self, states: Sequence[DecodeState]) -> DecodeState:
-        """The rows of states with equal shape keys (caches of one length) in one state, nothing padded: a row's
-        numbers are the same as alone. (Padding would not be: onnxruntime's CPU MatMul and ReduceSum group a
-        sum's terms by their position, so a row padded to another length rounds differently, and a near-tie
-        of a greedy step can then flip.)"""
-        if len({self.shape_key(s) for s in states}) != 1:
-            raise ValueError("only states with caches of equal lengths join")
+        """The rows of the states in one: caches padded on the left to one length (masked there; ALiBi and mT5's
+        relative bias depend on distances), cross caches padded on the right. States with equal shape keys join
+        with nothing padded, and then a row's numbers are those it has alone; padded, they are not bit for bit:
+        onnxruntime's CPU MatMul and ReduceSum group a sum's terms by position, so a row padded to another
+        length rounds differently and a near-tie of a greedy step can flip."""
         if len(states) == 1:
             return states[0]
 
-        def merged(lists: list[list]) -> list[ort.OrtValue]:
-            return [ort.OrtValue.ortvalue_from_numpy(np.concatenate([v.numpy() for v in layer]), self.device, 0)
+        def pad(array: np.ndarray, axis: int, size: int, on_left: bool) -> np.ndarray:
+            padding = [(0, 0)] * array.ndim
+            missing = size - array.shape[axis]
+            padding[axis] = (missing, 0) if on_left else (0, missing)
+            return np.pad(array, padding) if missing else array
+
+        def merged(arrays: list[np.ndarray], axis: int, on_left: bool) -> np.ndarray:
+            size = max(a.shape[axis] for a in arrays)
+            return np.concatenate([pad(a, axis, size, on_left) for a in arrays])
+
+        def merged_values(lists: list[list], axis: int, on_left: bool) -> list[ort.OrtValue]:
+            return [ort.OrtValue.ortvalue_from_numpy(merged([v.numpy() for v in layer], axis, on_left), self.device, 0)
                     for layer in zip(*lists)]
 
-        prompt = max(s.input_ids.shape[1] for s in states)
-        pad = lambda ids: np.pad(ids, [(0, 0), (prompt - ids.shape[1], 0)])  # noqa: E731  (history only)
-        return DecodeState(input_ids=np.concatenate([pad(s.input_ids) for s in states]),
-                           attention_mask=np.concatenate([s.attention_mask for s in states]), expand=1,
-                           past=merged([s.past for s in states]), cross=merged([s.cross for s in states]),
-                           encoder_mask=None if states[0].encoder_mask is None else
-                           np.concatenate([s.encoder_mask for s in states]))
+        return DecodeState(
+            input_ids=merged([s.input_ids for s in states], 1, True),
+            attention_mask=merged([s.attention_mask for s in states], 1, True), expand=1,
+            past=merged_values([s.past for s in states], 2, True),
+            cross=merged_values([s.cross for s in states], 2, False),
+            encoder_mask=None if states[0].encoder_mask is None else merged([s.encoder_mask for s in states], 1, False))
 
     def logits(self, hidden: np.ndarray) -> np.ndarray:
         """hidden [rows, d] -> logits [rows, columns] (every token, or a restricted variant's), a fresh buffer the

@@ -106,3 +106,31 @@ def test_rows_are_never_padded_and_cohorts_of_one_length_share_a_decoder_run(fam
             if cohort.state.encoder_mask is not None:
                 assert cohort.state.encoder_mask.all()
     assert got == dict(enumerate(alone))
+
+
+def test_a_padded_batch_is_one_cohort_and_sheds_the_padding_of_rows_that_left(family):
+    """--batching padded: every row in one decoder run, caches padded to one length; the positions no row
+    attends any more (rows that left) are dropped, so a batch that never empties does not grow. (Its tokens
+    can differ from generate() alone at near-ties on real shapes; on these tiny models they agree.)"""
+    model = load(family["export"])
+    prompts = _prompts(family, model, 5)
+    alone = [model.generate(input_ids=[p], max_new_tokens=n).sequences[0] for p, n in zip(prompts, (6, 2, 5, 3, 4))]
+    lengths = dict(enumerate(len(a) for a in alone))
+    batch = model.continuous_batch(padded=True)
+    got: dict[int, list[int]] = {}
+    waiting = [[0], [1, 2], [3], [4]]
+    for round_ in range(30):
+        if waiting and round_ % 2 == 0:
+            indices = waiting.pop(0)
+            for index, token in zip(indices, batch.admit([prompts[i] for i in indices], indices, [0] * len(indices))):
+                got[index] = [int(token)]
+        elif batch.rows:
+            for index, token in zip(batch.owners, batch.step()):
+                got[index].append(int(token))
+        batch.keep(np.array([len(got[i]) < lengths[i] for i in batch.owners]))
+        assert len(batch.cohorts) <= 1
+        if batch.rows:
+            state = batch.cohorts[0].state
+            fed = [(len(prompts[i]) if model.kind == "decoder" else 1) + len(got[i]) - 1 for i in batch.owners]
+            assert state.past[0].shape()[2] == state.attention_mask.shape[1] == max(fed)  # no column unused
+    assert got == dict(enumerate(alone))

@@ -48,6 +48,7 @@ class Limits:
     max_batch_size: int = 16
     max_queue: int = 64
     max_prefill_tokens: int = DEFAULT_PREFILL_TOKENS
+    batching: str = "exact"  # or "padded": one decoder run per step, tokens may differ from generate() alone
     max_body_bytes: int = 1 << 20
     max_prompt_tokens: int = 1024
     max_tokens: int = 512
@@ -91,7 +92,7 @@ class Server:
         try:
             self.model = load(self.folder, provider=self.provider, threads=self.threads, variant=self.variant)
             self.engine = Engine(self.model, self.limits.max_batch_size, self.limits.max_queue, self.metrics,
-                                 self.limits.max_prefill_tokens)
+                                 self.limits.max_prefill_tokens, padded=self.limits.batching == "padded")
             self.engine.start()
         except Exception as e:
             self.load_error = f"{type(e).__name__}: {e}"

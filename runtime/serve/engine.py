@@ -82,10 +82,11 @@ class Request:
 
 class Engine:
     def __init__(self, model, max_batch_size: int = 16, max_queue: int = 64, metrics=None,
-                 max_prefill_tokens: int = DEFAULT_PREFILL_TOKENS):
+                 max_prefill_tokens: int = DEFAULT_PREFILL_TOKENS, padded: bool = False):
         self.model = model
         self.max_batch_size = max_batch_size
         self.max_prefill_tokens = max_prefill_tokens
+        self.padded = padded  # one padded decoder run per step (faster; not bit-exact against generate() alone)
         self.max_queue = max_queue
         self.metrics = metrics
         self.eos = set(model.tokens.get("eos_token_id") or [])
@@ -214,7 +215,7 @@ class Engine:
     def _admit(self, requests: list[Request]) -> None:
         if self.batch is None:
             options = {k: v for k, v in requests[0].options.items() if k not in ("max_new_tokens", "min_new_tokens")}
-            self.batch = self.model.continuous_batch(**options)
+            self.batch = self.model.continuous_batch(padded=self.padded, **options)
         owners, prompts, minimum = [], [], []
         for request in requests:
             request.begin()

@@ -45,13 +45,13 @@ def deployment(model_dir: str, *, variant: str | None = None, threads: int = 1, 
 def build(args: dict[str, str]):
     """The application builder `serve run xmtf_onnx.runtime.serve.ray_app:build model_dir=... num_replicas=2` uses."""
     known = {"model_dir", "variant", "threads", "num_replicas", "max_batch_size", "max_ongoing_requests", "name",
-             "request_timeout"}
+             "request_timeout", "batching"}
     unknown = sorted(set(args) - known)
     if unknown or "model_dir" not in args:
         raise ValueError(f"give model_dir=FOLDER (and optionally {', '.join(sorted(known - {'model_dir'}))}); "
                          f"unknown: {', '.join(unknown) or 'none'}")
     limits = Limits(max_batch_size=int(args.get("max_batch_size", 16)),
-                    request_timeout=float(args.get("request_timeout", 120)))
+                    request_timeout=float(args.get("request_timeout", 120)), batching=args.get("batching", "exact"))
     return deployment(args["model_dir"], variant=args.get("variant"), threads=int(args.get("threads", 1)),
                       num_replicas=int(args.get("num_replicas", 1)), limits=limits, name=args.get("name"),
                       max_ongoing_requests=int(args["max_ongoing_requests"]) if "max_ongoing_requests" in args
