@@ -144,8 +144,9 @@ def _serve_ray(args: argparse.Namespace, limits, api_key: str | None) -> int:
     serve.start(http_options={"host": args.host, "port": args.port})
     serve.run(deployment(args.model_dir, variant=args.variant, threads=args.threads or 1, num_replicas=args.replicas,
                          limits=limits, api_key=api_key, name=args.name), name="xmtf-onnx", route_prefix="/")
+    signal.signal(signal.SIGTERM, _terminated)  # ray.init installed its own, which aborts without shutting down
     print(f"serving {args.model_dir} on http://{args.host}:{args.port} with {args.replicas} Ray Serve replica(s); "
-          "Ctrl-C stops", file=sys.stderr)
+          "Ctrl-C or SIGTERM stops", file=sys.stderr)
     try:
         while True:
             time.sleep(1)
@@ -320,8 +321,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--batching", choices=("exact", "padded"), default="exact",
                        help="exact (default): every answer equals generate() of that request alone; rows whose "
                             "caches have one length share a decoder run, the output projection runs once for all. "
-                            "padded: every row in one decoder run, padded (faster: mt0-small 1.7x, bloomz-560m "
-                            "1.6x at 16 clients on 2 cores), but a padded row rounds differently and a greedy "
+                            "padded: every row in one decoder run, padded (faster: mt0-small 1.4x, bloomz-560m "
+                            "1.4x at 16 clients on 2 cores), but a padded row rounds differently and a greedy "
                             "near-tie can flip (6%% of mt0-small answers differed)")
     serve.add_argument("--api-key", help="require Authorization: Bearer KEY on every endpoint but /health "
                                          "(or set XMTF_API_KEY)")
