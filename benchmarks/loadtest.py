@@ -178,16 +178,20 @@ def plot(report: dict, path: str) -> str | None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="xmtf-onnx loadtest", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="example:\n  xmtf-onnx serve exported/mt0-small --variant int8 &\n"
+                                     epilog="example (int8-weight batches; int8-dynamic runs requests one at a time):\n"
+                                            "  xmtf-onnx export preset:mt0-small exported/mt0-small --quantize int8-weight\n"
+                                            "  xmtf-onnx serve exported/mt0-small --variant int8-weight &\n"
                                             "  xmtf-onnx loadtest http://127.0.0.1:8000 --concurrency 1,4,16 "
-                                            "--requests 64 --offline exported/mt0-small")
+                                            "--requests 64 --offline exported/mt0-small\n"
+                                            "  xmtf-onnx loadtest http://127.0.0.1:8000 --concurrency 16 --soak 2000 "
+                                            "--offline exported/mt0-small   # exit 1 on a lost or wrong answer")
     parser.add_argument("url", help="the server, e.g. http://127.0.0.1:8000 (localhost only)")
     parser.add_argument("--concurrency", default="1,4,16,32", help="comma-separated client counts")
     parser.add_argument("--requests", type=int, default=64, help="requests per level")
     parser.add_argument("--max-tokens", type=int, default=32, help="tokens per request (forced: min = max)")
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds one request may take")
     parser.add_argument("--offline", metavar="MODEL_DIR", help="also measure generate() on the same prompts")
-    parser.add_argument("--variant", help="the variant --offline loads (the one the server runs)")
+    parser.add_argument("--variant", help="the variant --offline loads (default: the one the server says it runs)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--soak", type=int, metavar="N",
                         help="send N mixed requests from the largest --concurrency level and check each answer "
@@ -216,6 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {"created": time.strftime("%Y-%m-%d %H:%M:%S"), "url": args.url, "model": ready.json().get("model"),
               "variant": ready.json().get("variant"), "machine": machine(), "max_tokens": args.max_tokens,
               "command": "xmtf-onnx loadtest " + " ".join(argv or sys.argv[1:]), "levels": []}
+    args.variant = args.variant or report["variant"]  # --offline loads the variant the server runs
     if args.soak:
         return _soak(args, report)
     if args.offline:

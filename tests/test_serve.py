@@ -157,6 +157,7 @@ def test_bad_requests_are_4xx_with_the_runtimes_message(served):
     assert metrics["xmtf_requests_total"] >= len(cases)
     assert httpx.get(f"{running.url}/v1/models").json()["data"][0]["id"] == "m"
     assert httpx.get(f"{running.url}/health").status_code == 200
+    assert httpx.get(f"{running.url}/ready").json()["batching"] == "exact"  # the default says what it does
 
 
 def test_full_queue_timeouts_keys_and_a_cancelled_stream(bloom_export):

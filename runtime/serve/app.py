@@ -20,6 +20,7 @@ import asyncio
 import json
 import numbers
 import os
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -94,6 +95,10 @@ class Server:
             self.engine = Engine(self.model, self.limits.max_batch_size, self.limits.max_queue, self.metrics,
                                  self.limits.max_prefill_tokens, padded=self.limits.batching == "padded")
             self.engine.start()
+            if not self.model.batch_invariant:
+                print(f"note: variant {self.model.variant} quantizes a whole batch's activations with one scale, so "
+                      "requests run one at a time to keep each answer equal to generate() alone; export "
+                      "--quantize int8-weight (or int4-weight) to batch them", file=sys.stderr, flush=True)
         except Exception as e:
             self.load_error = f"{type(e).__name__}: {e}"
 
@@ -117,7 +122,9 @@ class Server:
 
     async def ready_endpoint(self, request: HttpRequest) -> Response:
         if self.ready:
-            return JSONResponse({"status": "ready", "model": self.name, "variant": self.model.variant})
+            batching = self.limits.batching if self.model.batch_invariant else "one request at a time"
+            return JSONResponse({"status": "ready", "model": self.name, "variant": self.model.variant,
+                                 "batching": batching})
         reason = f"the model failed to load: {self.load_error}" if self.load_error else "the model is loading"
         return JSONResponse({"status": "not ready", "reason": reason}, status_code=503)
 
