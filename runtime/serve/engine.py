@@ -1,10 +1,11 @@
 """The engine: one thread that owns the model and runs the requests, step by step.
 
 Greedy requests (the common case) are batched continuously: between two decode steps new requests join the
-running batch (each prompt prefilled alone, as generate() would, its cache padded and concatenated; at most
-max_prefill_tokens prompt tokens between two steps, so a burst joins over a few steps) and finished or
-cancelled rows leave it, so a short request never waits for a long one and a request's answer is what
-generate() gives it alone. Sampling and beam-search requests run alone between batches (a seeded request is
+running batch (each prompt prefilled alone, as generate() would; at most max_prefill_tokens prompt tokens
+between two steps, so a burst joins over a few steps) and finished or cancelled rows leave it, so a short
+request never waits for a long one. By default rows are never padded (runtime/batching.py: cohorts of one
+cache length), so a request's answer is what generate() gives it alone; `padded` puts every row in one padded
+decoder run, faster but not bit-exact. Sampling and beam-search requests run alone between batches (a seeded request is
 reproducible). Variants whose rows depend on their batch-mates (int8-dynamic: one activation scale per batch)
 run every request alone. Every wait here is bounded; the HTTP side owns deadlines and cancels.
 """
