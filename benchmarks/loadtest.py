@@ -37,29 +37,51 @@ def prompts(count: int) -> list[str]:
     return [texts[i % len(texts)] for i in range(count)]
 
 
-async def one_request(client, url: str, prompt: str, max_tokens: int, timeout: float) -> dict:
-    body = {"prompt": prompt, "max_tokens": max_tokens, "min_tokens": max_tokens, "stream": True}
+async def stream_completion(client, url: str, body: dict, timeout: float, hang_up_after: int | None = None) -> dict:
+    """One streamed completion: its status, id, choices (text, token_ids and finish_reason joined over the chunks),
+    usage, seconds and first_token_seconds; status "hung_up" when the client left after `hang_up_after` chunks, -1
+    for a transport error or a stream that ended without [DONE]."""
     began = time.perf_counter()
-    first = None
-    tokens = 0
+    choices: dict[int, dict] = {}
+    identifier, usage, first, chunks = None, None, None, 0
     try:
-        async with client.stream("POST", f"{url}/v1/completions", json=body, timeout=timeout) as response:
+        async with client.stream("POST", f"{url}/v1/completions", json=dict(body, stream=True),
+                                 timeout=timeout) as response:
             if response.status_code != 200:
                 await response.aread()
-                return {"status": response.status_code, "seconds": time.perf_counter() - began}
+                return {"status": response.status_code, "error": response.text[:200],
+                        "seconds": time.perf_counter() - began}
             async for line in response.aiter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
+                if not line.startswith("data: "):
                     continue
+                if line == "data: [DONE]":
+                    return {"status": 200, "id": identifier, "choices": [choices[i] for i in sorted(choices)],
+                            "usage": usage, "seconds": time.perf_counter() - began, "first_token_seconds": first}
                 chunk = json.loads(line[6:])
                 if "error" in chunk:
-                    return {"status": chunk["error"].get("code", 500), "seconds": time.perf_counter() - began}
+                    return {"status": chunk["error"].get("code", 500), "error": chunk["error"].get("message"),
+                            "seconds": time.perf_counter() - began}
+                identifier, usage = chunk.get("id", identifier), chunk.get("usage") or usage
                 if first is None and chunk.get("choices"):
                     first = time.perf_counter() - began
-                if chunk.get("usage"):
-                    tokens = chunk["usage"]["completion_tokens"]
+                for c in chunk.get("choices", []):
+                    mine = choices.setdefault(c["index"], {"text": "", "token_ids": [], "finish_reason": None})
+                    mine["text"] += c["text"]
+                    mine["token_ids"] += c.get("token_ids", [])
+                    mine["finish_reason"] = c["finish_reason"] or mine["finish_reason"]
+                chunks += 1
+                if hang_up_after is not None and chunks >= hang_up_after:
+                    return {"status": "hung_up", "seconds": time.perf_counter() - began}
     except Exception as e:  # a transport error counts as an error, not a crash of the load test
         return {"status": -1, "error": f"{type(e).__name__}: {e}", "seconds": time.perf_counter() - began}
-    return {"status": 200, "seconds": time.perf_counter() - began, "first_token_seconds": first, "tokens": tokens}
+    return {"status": -1, "error": "the stream ended without [DONE]", "seconds": time.perf_counter() - began}
+
+
+async def one_request(client, url: str, prompt: str, max_tokens: int, timeout: float) -> dict:
+    """A load-test request: greedy, streamed, of a forced length."""
+    result = await stream_completion(client, url, {"prompt": prompt, "max_tokens": max_tokens,
+                                                   "min_tokens": max_tokens}, timeout)
+    return dict(result, tokens=(result.get("usage") or {}).get("completion_tokens", 0))
 
 
 async def level(url: str, concurrency: int, requests: int, max_tokens: int, timeout: float) -> dict:

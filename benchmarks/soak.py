@@ -10,12 +10,13 @@ lost (each request got its answer or a typed error), none duplicated (completion
 from __future__ import annotations
 
 import asyncio
-import json
 import random
 import time
 from typing import Any
 
 import numpy as np
+
+from .loadtest import stream_completion
 
 KINDS = ("greedy", "greedy", "greedy", "stop", "min_tokens", "sample", "sample_n2", "beams", "penalty", "logprobs")
 LENGTHS = (1, 2, 4, 8, 16, 24, 32)
@@ -74,61 +75,30 @@ def _stopped(model, choice: dict, body: dict, rng: random.Random) -> dict:
 
 async def _one(client, url: str, body: dict, hang_up_after: int | None, timeout: float) -> dict:
     """Send one request; its choices (text, token_ids, finish_reason) and id, or its status / error."""
-    stream = body.get("stream", False)
+    if body.get("stream"):
+        return await stream_completion(client, url, body, timeout, hang_up_after)
     try:
-        if not stream:
-            response = await client.post(f"{url}/v1/completions", json=body, timeout=timeout)
-            payload = response.json()
-            if response.status_code != 200:
-                return {"status": response.status_code, "error": payload.get("error", {}).get("message")}
-            return {"status": 200, "id": payload["id"], "choices": [
-                {"text": c["text"], "token_ids": c["token_ids"], "finish_reason": c["finish_reason"]}
-                for c in payload["choices"]]}
-        choices: dict[int, dict] = {}
-        identifier, chunks, done = None, 0, False
-        async with client.stream("POST", f"{url}/v1/completions", json=body, timeout=timeout) as response:
-            if response.status_code != 200:
-                await response.aread()
-                return {"status": response.status_code, "error": response.text[:200]}
-            async for line in response.aiter_lines():
-                if not line.startswith("data: "):
-                    continue
-                if line == "data: [DONE]":
-                    done = True
-                    break
-                chunk = json.loads(line[6:])
-                if "error" in chunk:
-                    return {"status": chunk["error"].get("code", 500), "error": chunk["error"].get("message")}
-                identifier = chunk.get("id", identifier)
-                for c in chunk.get("choices", []):
-                    mine = choices.setdefault(c["index"], {"text": "", "token_ids": [], "finish_reason": None})
-                    mine["text"] += c["text"]
-                    mine["token_ids"] += c.get("token_ids", [])
-                    mine["finish_reason"] = c["finish_reason"] or mine["finish_reason"]
-                chunks += 1
-                if hang_up_after is not None and chunks >= hang_up_after:
-                    return {"status": "hung_up"}
-        if not done:
-            return {"status": -1, "error": "the stream ended without [DONE]"}
-        return {"status": 200, "id": identifier, "choices": [choices[i] for i in sorted(choices)]}
+        response = await client.post(f"{url}/v1/completions", json=body, timeout=timeout)
+        payload = response.json()
     except Exception as e:  # a transport error is a lost request, counted, not a crash of the soak
         return {"status": -1, "error": f"{type(e).__name__}: {e}"}
-
-
-async def _rss(client, url: str) -> float | None:
-    try:
-        text = (await client.get(f"{url}/metrics", timeout=5)).text
-    except Exception:
-        return None
-    for line in text.splitlines():
-        if line.startswith("process_resident_memory_bytes "):
-            return float(line.split()[1])
-    return None
+    if response.status_code != 200:
+        return {"status": response.status_code, "error": payload.get("error", {}).get("message")}
+    return {"status": 200, "id": payload["id"], "choices": [
+        {"text": c["text"], "token_ids": c["token_ids"], "finish_reason": c["finish_reason"]} for c in payload["choices"]]}
 
 
 async def _metric(client, url: str, name: str) -> dict[str, float]:
-    text = (await client.get(f"{url}/metrics", timeout=5)).text
+    """The server's samples whose name starts with `name` ({} when /metrics does not answer)."""
+    try:
+        text = (await client.get(f"{url}/metrics", timeout=5)).text
+    except Exception:
+        return {}
     return {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines() if line.startswith(name)}
+
+
+async def _rss(client, url: str) -> float | None:
+    return (await _metric(client, url, "process_resident_memory_bytes")).get("process_resident_memory_bytes")
 
 
 async def run(url: str, pool: list[dict], requests: int, concurrency: int, timeout: float, seed: int,
@@ -173,7 +143,7 @@ async def run(url: str, pool: list[dict], requests: int, concurrency: int, timeo
             rss.append((time.perf_counter() - began, value))
         after = await _metric(client, url, "xmtf_requests_total")
     return report(results, rss, time.perf_counter() - began, concurrency,
-                  {k: after.get(k, 0) - before.get(k, 0) for k in after})
+                  {k.split('"')[1]: after[k] - before.get(k, 0) for k in after})  # outcome label -> requests
 
 
 def _matches(expected: dict, got: dict) -> bool:
@@ -201,7 +171,8 @@ def report(results: list[tuple[dict, dict]], rss: list[tuple[float, float]], sec
     return {
         "requests": len(results), "concurrency": concurrency, "seconds": seconds,
         "answered": len(finished), "hung_up": hung_up, "errors": len(errors), "error_examples": errors[:5],
-        "mismatched": len(wrong), "mismatched_by_kind": wrong_by_kind, "mismatch_examples": wrong[:3], "duplicate_ids": len(ids) - len(set(ids)),
+        "mismatched": len(wrong), "mismatched_by_kind": wrong_by_kind, "mismatch_examples": wrong[:3],
+        "duplicate_ids": len(ids) - len(set(ids)),
         "answered_by_kind": by_kind, "server_outcomes": server_outcomes,
         "rss_mb": [[round(t, 1), round(v / 2**20, 1)] for t, v in rss],
         "rss_start_mb": float(values[0] / 2**20) if values.size else None,
@@ -220,8 +191,7 @@ def markdown(soak: dict) -> list[str]:
             f"{soak['hung_up']}; errors {soak['errors']}; answers unequal to generate() alone {soak['mismatched']} "
             f"{soak['mismatched_by_kind'] or ''}; "
             f"duplicate ids {soak['duplicate_ids']}",
-            f"- server outcomes in the run: " + ", ".join(f"{k.split('outcome=')[-1].strip(chr(34) + '}')} "
-                                                       f"{v:.0f}" for k, v in sorted(soak['server_outcomes'].items())),
+            "- server outcomes in the run: " + ", ".join(f"{k} {v:.0f}" for k, v in sorted(soak['server_outcomes'].items())),
             f"- server RSS: start {mb(soak['rss_start_mb'])}, after the first fifth {mb(soak['rss_settled_min_mb'])}"
             f"–{mb(soak['rss_settled_max_mb'])} (spread {100 * (soak['rss_settled_spread'] or 0):.1f}%), "
             f"end {mb(soak['rss_end_mb'])}"]

@@ -23,6 +23,8 @@ from .generation import StepTimer, greedy_tokens
 # prompt tokens a server prefills between two decode steps (at least one request's): a burst of arrivals joins over
 # a few steps instead of stalling every running row for all their prefills at once (TGI's max_batch_prefill_tokens)
 DEFAULT_PREFILL_TOKENS = 256
+# how a server batches: exact (rows never padded, every answer equals generate() alone) or padded (faster)
+BATCHING = ("exact", "padded")
 
 
 @dataclasses.dataclass

@@ -7,7 +7,7 @@ import json
 import signal
 import sys
 
-from .batching import DEFAULT_PREFILL_TOKENS
+from .batching import BATCHING, DEFAULT_PREFILL_TOKENS
 from .errors import XmtfError
 
 FAILED = 1  # the command was well formed but could not do its job: a typed error (model, input, file) says why
@@ -318,7 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="prompt tokens prefilled between two decode steps, at least one request's (default "
                             f"{DEFAULT_PREFILL_TOKENS}): lower keeps the running rows' inter-token time steady under "
                             "a burst, higher admits a burst sooner")
-    serve.add_argument("--batching", choices=("exact", "padded"), default="exact",
+    serve.add_argument("--batching", choices=BATCHING, default="exact",
                        help="exact (default): every answer equals generate() of that request alone; rows whose "
                             "caches have one length share a decoder run, the output projection runs once for all. "
                             "padded: every row in one decoder run, padded (faster: mt0-small 1.4x, bloomz-560m "

@@ -292,3 +292,5 @@ def test_the_two_machine_ray_config_is_a_valid_serve_deploy_file():
     bound = build(application.args)
     options = bound._bound_deployment._deployment_config
     assert options.num_replicas == 2 and bound._bound_deployment.ray_actor_options["num_cpus"] == 16
+    with pytest.raises(ValueError, match="batching must be one of exact, padded"):
+        build(dict(application.args, batching="fast"))

@@ -32,7 +32,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response, Strea
 from starlette.routing import Route
 
 from ..errors import GenerationInputError, XmtfError
-from ..batching import DEFAULT_PREFILL_TOKENS
+from ..batching import BATCHING, DEFAULT_PREFILL_TOKENS
 from .engine import Engine, QueueFullError, Request, completion_id
 from .metrics import Metrics
 
@@ -57,6 +57,10 @@ class Limits:
     max_beams: int = 8
     request_timeout: float = 120.0
     drain_seconds: float = 30.0
+
+    def __post_init__(self):
+        if self.batching not in BATCHING:
+            raise ValueError(f"batching must be one of {', '.join(BATCHING)}, not {self.batching!r}")
 
 
 class BadRequest(XmtfError, ValueError):
