@@ -23,6 +23,9 @@ from onnx import numpy_helper
 
 from xmtf_onnx.runtime.manifest import OPTIONAL_ROLES, read_manifest, write_manifest
 
+from .graph import ALIGNMENT, MS_DOMAIN, PAGE, PAGE_ALIGNED_FROM, WeightFile, block_table
+from .weights import ArraySource
+
 from .errors import ExportError, OutputExistsError
 from .exporter import file_entry
 
@@ -32,7 +35,7 @@ MODES = ("int8-dynamic", "int8-weight", "int4-weight", "fp16")
 # overflow fp16, never meet it. Inputs, outputs and the KV cache stay fp32.
 FP32_OPS = ["Add", "Sub", "Mul", "Div", "Pow", "Sqrt", "ReduceMean", "LayerNormalization", "SimplifiedLayerNormalization",
             "SkipLayerNormalization", "SkipSimplifiedLayerNormalization", "CumSum", "Range", "Where", "Expand",
-            "FastGelu", "Gelu", "Relu", "Tanh", "Erf", "Gather"]
+            "FastGelu", "Gelu", "Relu", "Tanh", "Erf", "Gather", "MultiHeadAttention"]
 ALIASES = {"int8": "int8-dynamic"}
 DEFAULT_BLOCK_SIZE = 32
 # MatMuls whose weight name matches one of these (fnmatch) stay fp32. The output projection is named "lm_head"
@@ -85,16 +88,19 @@ def _kept_nodes(model: onnx.ModelProto, patterns: tuple[str, ...]) -> tuple[list
 
 
 def _type_contrib_outputs(model: onnx.ModelProto) -> int:
-    """onnx's shape inference leaves com.microsoft ops untyped; ours (FastGelu) are elementwise: same type in/out.
-    Returns how many outputs it typed."""
+    """onnx's shape inference leaves com.microsoft ops untyped; every output of ours (FastGelu, MultiHeadAttention,
+    Skip[Simplified]LayerNormalization) has the type of the first input. Returns how many outputs it typed."""
     known = {v.name: v.type.tensor_type.elem_type for v in [*model.graph.input, *model.graph.value_info]}
     known.update({t.name: t.data_type for t in model.graph.initializer})
     typed = 0
     for node in model.graph.node:
-        if node.domain == "com.microsoft" and node.input[0] in known and node.output[0] not in known:
-            known[node.output[0]] = known[node.input[0]]
-            model.graph.value_info.append(onnx.helper.make_tensor_value_info(node.output[0], known[node.input[0]], None))
-            typed += 1
+        if node.domain != "com.microsoft" or node.input[0] not in known:
+            continue
+        for output in node.output:
+            if output and output not in known:
+                known[output] = known[node.input[0]]
+                model.graph.value_info.append(onnx.helper.make_tensor_value_info(output, known[node.input[0]], None))
+                typed += 1
     return typed
 
 
@@ -188,6 +194,100 @@ def _quantize_graph(source: str, target: str, mode: str, block_size: int,
             "ops": ["MatMul"], "op": "com.microsoft.MatMulNBits", "accuracy_level": 4, "providers": ["cpu", "cuda"]}, kept
 
 
+EMBEDDINGS_FILE = "embeddings.bin"
+
+
+def _external_array(tensor: onnx.TensorProto, folder: str) -> np.ndarray:
+    """An fp32 initializer stored as external data, memory-mapped."""
+    info = {entry.key: entry.value for entry in tensor.external_data}
+    return np.memmap(os.path.join(folder, info["location"]), dtype=np.float32, mode="r",
+                     offset=int(info.get("offset", 0)), shape=tuple(tensor.dims))
+
+
+def _quantize_embeddings(target: str, vocab_size: int, bits: int, block_size: int, patterns: tuple[str, ...],
+                         tables: WeightFile) -> tuple[list[str], list[str]]:
+    """onnxruntime's quantizers leave the embedding an fp32 Gather, copied into every graph's data file (mt0-small
+    int8: 1.2 GB of its 1.3 GB fp32 folder). Replace each fp32 Gather over a [vocab, d] table by
+    GatherBlockQuantized over `bits`-bit blocks written once to `tables` (the variant's embeddings.bin, shared by
+    mT0's encoder and decoder), as `export --quantize` does, and drop the fp32 table from the graph's data file.
+    Tables matching a keep-fp32 pattern stay. -> (tables quantized, tables kept fp32)."""
+    model = onnx.load(target, load_external_data=False)
+    folder = os.path.dirname(target)
+    initializers = {t.name: t for t in model.graph.initializer}
+    quantized, kept = [], []
+    for index, node in reversed(list(enumerate(model.graph.node))):
+        table = initializers.get(node.input[0]) if node.op_type == "Gather" and len(node.input) == 2 else None
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+        if table is None or axis != 0 or list(table.dims[:1]) != [vocab_size] or len(table.dims) != 2 \
+                or table.data_type != onnx.TensorProto.FLOAT or node.input[1] in initializers:
+            continue
+        if any(fnmatch.fnmatchcase(table.name, p) for p in patterns):
+            kept.append(table.name)
+            continue
+        depth = table.dims[1]
+        base = block_table(tables, table.name, ArraySource({table.name: _external_array(table, folder)}), table.name,
+                           bits, block_size)
+        blocks = tables.placements[base + ".scales"].shape[1]
+        model.graph.initializer.extend([tables.tensor(base, base, (vocab_size, blocks * block_size * bits // 8)),
+                                        tables.tensor(base + ".scales", base + ".scales")])
+        rows = node.output[0]
+        padded = blocks * block_size != depth
+        gathered = rows + ".padded" if padded else rows
+        replacement = onnx.helper.make_node("GatherBlockQuantized", [base, node.input[1], base + ".scales"], [gathered],
+                                            name=node.name, domain=MS_DOMAIN, gather_axis=0, quantize_axis=1,
+                                            block_size=block_size, bits=bits)
+        model.graph.node.remove(node)
+        model.graph.node.insert(index, replacement)
+        if padded:  # the last block is zero-padded: keep the first d columns
+            bounds = [numpy_helper.from_array(np.array(v, np.int64), f"{rows}.{k}")
+                      for k, v in (("start", [0]), ("end", [depth]), ("axis", [-1]))]
+            model.graph.initializer.extend(bounds)
+            model.graph.node.insert(index + 1, onnx.helper.make_node("Slice", [gathered] + [b.name for b in bounds],
+                                                                     [rows], name=node.name + ".slice"))
+        quantized.append(table.name)
+    if quantized:
+        for name in set(quantized):
+            if not any(name in n.input for n in model.graph.node):
+                model.graph.initializer.remove(initializers[name])
+        _compact_external_data(model, folder)
+        with open(target, "wb") as handle:
+            handle.write(model.SerializeToString())
+        onnx.checker.check_model(target)
+    return sorted(set(quantized)), sorted(set(kept))
+
+
+def _compact_external_data(model: onnx.ModelProto, folder: str) -> None:
+    """Rewrite the data files of `model`'s initializers (but the variant's shared tables) with only the bytes they
+    still use, large tensors on page boundaries (memory-mapped by onnxruntime)."""
+    by_file: dict[str, list[onnx.TensorProto]] = {}
+    for tensor in model.graph.initializer:
+        info = {entry.key: entry.value for entry in tensor.external_data}
+        if tensor.data_location == onnx.TensorProto.EXTERNAL and info.get("location") != EMBEDDINGS_FILE:
+            by_file.setdefault(info["location"], []).append(tensor)
+    for location, tensors in by_file.items():
+        old, new = os.path.join(folder, location), os.path.join(folder, location + ".compact")
+        end = 0
+        with open(old, "rb") as source, open(new, "wb") as target:
+            for tensor in tensors:
+                entries = {entry.key: entry for entry in tensor.external_data}
+                length = int(entries["length"].value) if "length" in entries else \
+                    int(np.prod(tensor.dims)) * onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+                source.seek(int(entries["offset"].value) if "offset" in entries else 0)
+                data = source.read(length)
+                alignment = PAGE if length >= PAGE_ALIGNED_FROM else ALIGNMENT
+                end += (-end) % alignment
+                target.seek(end)
+                target.write(data)
+                if "offset" not in entries:
+                    entry = tensor.external_data.add()
+                    entry.key = "offset"
+                    entries["offset"] = entry
+                entries["offset"].value = str(end)
+                end += length
+            target.truncate(end)
+        os.replace(new, old)
+
+
 def check_options(block_size: int, keep_fp32, name: str | None) -> tuple[str, ...]:
     """Typed errors for bad quantization options, before anything is written."""
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 16 or \
@@ -233,15 +333,28 @@ def add_variant(folder: str, manifest: dict, mode: str, block_size: int = DEFAUL
     details: dict = {}
     fp32_files = manifest["variants"]["fp32"]["files"]
     roles = [role for role in fp32_files if role not in OPTIONAL_ROLES]
+    embedded: set[str] = set()
     with variant_folder(folder, name) as partial:
+        tables = WeightFile(EMBEDDINGS_FILE).bind(partial)
         for role in roles:
             entry = fp32_files[role]
-            details, kept[role] = _quantize_graph(os.path.join(folder, entry["path"]),
-                                                  os.path.join(partial, f"{role}.onnx"), mode, block_size, patterns)
+            target = os.path.join(partial, f"{role}.onnx")
+            details, kept[role] = _quantize_graph(os.path.join(folder, entry["path"]), target, mode, block_size,
+                                                  patterns)
+            if mode != "fp16":
+                done, table_kept = _quantize_embeddings(target, int(manifest["tokens"]["vocab_size"]),
+                                                        4 if mode == "int4-weight" else 8, block_size, patterns, tables)
+                embedded.update(done)
+                kept[role] += table_kept
+        if not tables.placements:
+            os.remove(os.path.join(partial, EMBEDDINGS_FILE))
     files = {role: file_entry(folder, os.path.join(name, f"{role}.onnx")) for role in roles}
     if "screen" in fp32_files and "lm_head" in kept.get("head", []):
         files["screen"] = fp32_files["screen"]  # the head is still the fp32 projection the screen bounds
     details.update(onnxruntime=onnxruntime.__version__, mode=mode, kept_fp32={"patterns": list(patterns), "weights": kept})
+    if embedded:
+        details["embedding"] = (f"com.microsoft.GatherBlockQuantized, {4 if mode == 'int4-weight' else 8}-bit blocks of "
+                                f"{block_size}, stored once in {name}/{EMBEDDINGS_FILE}: {', '.join(sorted(embedded))}")
     manifest["variants"][name] = {"quantization": details, "files": files}
     record_aliases(manifest)
     return name

@@ -91,6 +91,47 @@ def test_keep_fp32_patterns_are_applied_and_recorded(quantized):
         assert load(folder, variant="int8-keep-head").generate(input_ids=[[5, 6, 7]], max_new_tokens=3).sequences
 
 
+@pytest.mark.parametrize("name", ["mt5", "bloom"])
+def test_quantize_stores_the_embedding_once_and_quantized(quantized, name):
+    """`xmtf-onnx quantize` leaves no fp32 [vocab, d] table in an int8/int4 variant: one GatherBlockQuantized table
+    in the variant's embeddings.bin, which every graph reading it (mT0's encoder and decoder) shares; fp16 keeps it."""
+    import onnx
+
+    folder = quantized[name]
+    manifest = read_manifest(folder)
+    vocab, depth = manifest.tokens["vocab_size"], manifest.data["hidden_size"]
+    for variant, bits in (("int8-dynamic", 8), ("int8-weight", 8), ("int4-weight", 4)):
+        files = manifest.variant(variant)["files"]
+        readers = 0
+        for role in ("encoder", "decoder"):
+            if role not in files:
+                continue
+            graph = onnx.load(str(folder / files[role]["path"]), load_external_data=False).graph
+            tables = [t.name for t in graph.initializer if list(t.dims) == [vocab, depth]]
+            assert not tables, (variant, role, tables)
+            gathers = [n for n in graph.node if n.op_type == "GatherBlockQuantized"]
+            assert len(gathers) == 1 and next(a.i for a in gathers[0].attribute if a.name == "bits") == bits
+            assert f"{variant}/embeddings.bin" in [d["path"] for d in files[role]["data"]]
+            readers += 1
+        assert readers == (2 if name == "mt5" else 1)
+        assert "GatherBlockQuantized" in manifest.variant(variant)["quantization"]["embedding"]
+        # the graphs' own data files hold no copy of the table any more
+        table_bytes = vocab * depth * 4
+        own = sum(d["bytes"] for f in files.values() for d in f["data"] if not d["path"].endswith("embeddings.bin"))
+        fp32_own = sum(d["bytes"] for f in manifest.variant("fp32")["files"].values() for d in f["data"])
+        assert own < fp32_own - table_bytes, (variant, own, fp32_own, table_bytes)
+    assert "embedding" not in manifest.variant("fp16")["quantization"]
+
+
+def test_quantize_keeps_a_table_fp32_when_told(quantized):
+    folder = quantized["mt5"]
+    quantize_folder(str(folder), "int8-weight", keep_fp32=("shared",), name="int8-keep-table")
+    entry = read_manifest(folder).variant("int8-keep-table")
+    assert entry["quantization"]["kept_fp32"]["weights"]["encoder"] == ["shared"]
+    assert "embedding" not in entry["quantization"] and not (folder / "int8-keep-table" / "embeddings.bin").exists()
+    assert load(folder, variant="int8-keep-table").generate(input_ids=[[5, 6, 7]], max_new_tokens=3).sequences
+
+
 @pytest.mark.parametrize("options, message", [({"block_size": 24}, "power of two"), ({"block_size": 8}, "power of two"),
                                               ({"name": "../x"}, "variant name"), ({"name": "fp32"}, "variant name"),
                                               ({"keep_fp32": [""]}, "non-empty")])

@@ -130,8 +130,9 @@ def test_reduced_validation_fails_on_a_wrong_graph(bloom_checkpoint, tmp_path, m
     from xmtf_onnx.export import ValidationError
     from xmtf_onnx.export.families import bloom
 
-    original = bloom._layer_norm
-    monkeypatch.setattr(bloom, "_layer_norm", lambda graph, x, name, w, eps: original(graph, x, name, w, eps * 1e5))
+    original = bloom._norm
+    monkeypatch.setattr(bloom, "_norm", lambda graph, x, name, w, eps, skip=None: original(graph, x, name, w, eps * 1e5,
+                                                                                          skip))
     with pytest.raises(ValidationError, match="probe"):
         export(str(bloom_checkpoint), tmp_path / "out", validation="reduced", progress=False)
     assert os.listdir(tmp_path) == []

@@ -16,9 +16,10 @@ from . import Family, register_family
 from .common import Store, cache_fields, compare, embedding, head_logits, output_graphs
 
 
-def _layer_norm(graph: Graph, x: str, name: str, w: dict, eps: float) -> str:
-    return graph.op("LayerNormalization", [x, graph.weight(f"{name}.weight", w[f"{name}.weight"]),
-                                           graph.weight(f"{name}.bias", w[f"{name}.bias"])], axis=-1, epsilon=eps)
+def _norm(graph: Graph, x: str, name: str, w: dict, eps: float, skip: str | None = None) -> tuple[str, str]:
+    """LayerNorm of x (+ skip: the residual addition, fused): (normalized, the sum)."""
+    return graph.norm(x, graph.weight(f"{name}.weight", w[f"{name}.weight"]), eps,
+                      beta=graph.weight(f"{name}.bias", w[f"{name}.bias"]), skip=skip)
 
 
 def _alibi_slopes(num_heads: int) -> np.ndarray:
@@ -47,7 +48,7 @@ def build(config, w: WeightSource, store: Store, plan: WeightPlan) -> tuple[list
             for i in range(config.n_layer)]
     table = f"{prefix}.word_embeddings"
     x = embedding(graph, input_ids, w, f"{table}.weight", graph.weights, table)  # [batch, new, hidden]
-    x = _layer_norm(graph, x, f"{prefix}.word_embeddings_layernorm", w, eps)
+    x, _ = _norm(graph, x, f"{prefix}.word_embeddings_layernorm", w, eps)
 
     zero, one = graph.const(0), graph.const(1)
     # ALiBi: bias = slope[head] * (number of real tokens before the key); [batch, heads, 1, total]
@@ -68,10 +69,13 @@ def build(config, w: WeightSource, store: Store, plan: WeightPlan) -> tuple[list
     real_key = graph.op("Cast", [graph.op("Unsqueeze", [attention_mask, graph.const([1, 2])])], to=TensorProto.BOOL)
     allowed = graph.op("And", [causal, real_key])  # [batch, 1, q, k]
 
+    bias = graph.masked_bias(allowed, alibi)  # [batch, heads, q, k], shared by every layer
+
     presents = []
+    pending = None  # the last sublayer's output, added to the residual stream x by the next norm
     for i in range(config.n_layer):
         p = f"{prefix}.h.{i}"
-        normed = _layer_norm(graph, x, f"{p}.input_layernorm", w, eps)
+        normed, x = _norm(graph, x, f"{p}.input_layernorm", w, eps, skip=pending)
         residual = normed if config.apply_residual_connection_post_layernorm else x
         # The fused QKV rows are interleaved per head (head, q/k/v, d): regroup them as (q/k/v, head, d).
         qkv_weight = w[f"{p}.self_attention.query_key_value.weight"].reshape(heads, 3, head_dim, hidden_size)
@@ -79,26 +83,24 @@ def build(config, w: WeightSource, store: Store, plan: WeightPlan) -> tuple[list
         qkv_bias = w[f"{p}.self_attention.query_key_value.bias"].reshape(heads, 3, head_dim)
         qkv_bias = qkv_bias.transpose(1, 0, 2).reshape(3 * hidden_size)
         qkv = graph.matmul(normed, f"{p}.self_attention.query_key_value", qkv_weight, qkv_bias)
-        q, k, v = [graph.split_heads(part, heads, head_dim) for part in
-                   graph.op("Split", [qkv, graph.const([hidden_size] * 3)], outputs=3, axis=-1)]
-        # Reorder the cache for beam search inside the graph: the concat copies it anyway.
-        k = graph.op("Concat", [graph.op("Gather", [past[i][0], beam_idx], axis=0), k], axis=2)
-        v = graph.op("Concat", [graph.op("Gather", [past[i][1], beam_idx], axis=0), v], axis=2)
+        q, k, v = graph.op("Split", [qkv, graph.const([hidden_size] * 3)], outputs=3, axis=-1)
+        # The cache, reordered for beam search and extended by this step inside the graph.
+        k, v = [graph.append_cache(past[i][j], new, beam_idx, heads, head_dim) for j, new in enumerate((k, v))]
         presents.append((k, v))
-        context = graph.merge_heads(graph.attend(q, k, v, alibi, allowed, 1.0 / np.sqrt(head_dim)), heads, head_dim)
+        context = graph.attention(q, k, v, bias, heads, 1.0 / np.sqrt(head_dim))
         attention = graph.matmul(context, f"{p}.self_attention.dense", w[f"{p}.self_attention.dense.weight"],
                                  w[f"{p}.self_attention.dense.bias"])
-        x = graph.op("Add", [attention, residual])
-        normed = _layer_norm(graph, x, f"{p}.post_attention_layernorm", w, eps)
+        normed, x = _norm(graph, attention, f"{p}.post_attention_layernorm", w, eps, skip=residual)
         residual = normed if config.apply_residual_connection_post_layernorm else x
         up = graph.matmul(normed, f"{p}.mlp.dense_h_to_4h", w[f"{p}.mlp.dense_h_to_4h.weight"],
                           w[f"{p}.mlp.dense_h_to_4h.bias"])
-        down = graph.matmul(graph.gelu_tanh(up), f"{p}.mlp.dense_4h_to_h", w[f"{p}.mlp.dense_4h_to_h.weight"],
-                            w[f"{p}.mlp.dense_4h_to_h.bias"])
-        x = graph.op("Add", [down, residual])
+        pending = graph.matmul(graph.gelu_tanh(up), f"{p}.mlp.dense_4h_to_h", w[f"{p}.mlp.dense_4h_to_h.weight"],
+                               w[f"{p}.mlp.dense_4h_to_h.bias"])
+        x = residual
+    x = graph.op("Add", [pending, x])
 
     last = graph.op("Gather", [x, graph.op("Sub", [graph.op("Squeeze", [new_length]), one])], axis=1)  # [b, h]
-    hidden = _layer_norm(graph, last, f"{prefix}.ln_f", w, eps)
+    hidden, _ = _norm(graph, last, f"{prefix}.ln_f", w, eps)
     if tied:  # the head reads the embedding where the decoder stores it: the tied weight is kept once
         outputs = output_graphs(hidden_size, w, f"{table}.weight", graph.weights, table, plan)
     else:

@@ -19,11 +19,9 @@ from .common import Store, cache_fields, compare, embedding, head_logits, output
 ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh", "gelu", "relu")
 
 
-def _rms_norm(graph: Graph, x: str, weight_name: str, weight: np.ndarray, eps: float) -> str:
-    # T5LayerNorm: x / sqrt(mean(x^2) + eps) * w, no mean subtraction, no bias
-    variance = graph.op("ReduceMean", [graph.op("Mul", [x, x])], axes=[-1], keepdims=1)
-    denominator = graph.op("Sqrt", [graph.op("Add", [variance, graph.const(np.float32(eps), np.float32)])])
-    return graph.op("Mul", [graph.op("Div", [x, denominator]), graph.weight(weight_name, weight)])
+def _norm(graph: Graph, x: str, name: str, w: dict, eps: float, skip: str | None = None) -> tuple[str, str]:
+    """T5's RMS norm of x (+ skip: the residual addition, fused): (normalized, the sum)."""
+    return graph.norm(x, graph.weight(f"{name}.weight", w[f"{name}.weight"]), eps, skip=skip)
 
 
 def _activation(graph: Graph, x: str, name: str) -> str:
@@ -73,10 +71,10 @@ def _relative_bias(graph: Graph, query_start: str, query_length: str, key_length
     return graph.op("Unsqueeze", [graph.op("Transpose", [bias], perm=[2, 0, 1]), zero])
 
 
-def _attention_projections(graph: Graph, x: str, prefix: str, w: dict, heads: int, head_dim: int,
-                           names=("q", "k", "v")) -> list[str]:
-    return [graph.split_heads(graph.matmul(x, f"{prefix}.{n}", w[f"{prefix}.{n}.weight"]), heads, head_dim)
-            for n in names]
+def _projections(graph: Graph, x: str, prefix: str, w: dict, names=("q", "k", "v")) -> list[str]:
+    """[batch, seq, model] -> [batch, seq, heads*d] each (heads*d need not be d_model: mt0-small has 6 x 64 = 384
+    for 512)."""
+    return [graph.matmul(x, f"{prefix}.{n}", w[f"{prefix}.{n}.weight"]) for n in names]
 
 
 def build(config, w: WeightSource, store: Store, plan: WeightPlan) -> tuple[list, dict]:
@@ -101,19 +99,22 @@ def build(config, w: WeightSource, store: Store, plan: WeightPlan) -> tuple[list
                           True, config)
     bias = _relative_bias(encoder, encoder.const([0]), source_length, source_length, "encoder.relative_bias",
                           table, max_distance, -max_distance, max_distance, 1)
+    bias = encoder.masked_bias(allowed, bias)  # [batch, heads, s, s], shared by every layer
+    pending = None  # the last sublayer's output, added to the residual stream x by the next norm
     for i in range(config.num_layers):
         p = f"encoder.block.{i}.layer"
-        normed = _rms_norm(encoder, x, f"{p}.0.layer_norm", w[f"{p}.0.layer_norm.weight"], eps)
-        q, k, v = _attention_projections(encoder, normed, f"{p}.0.SelfAttention", w, heads, head_dim)
-        context = encoder.merge_heads(encoder.attend(q, k, v, bias, allowed, None), heads, head_dim)
-        x = encoder.op("Add", [x, encoder.matmul(context, f"{p}.0.SelfAttention.o", w[f"{p}.0.SelfAttention.o.weight"])])
-        normed = _rms_norm(encoder, x, f"{p}.1.layer_norm", w[f"{p}.1.layer_norm.weight"], eps)
-        x = encoder.op("Add", [x, _feed_forward(encoder, normed, f"{p}.1.DenseReluDense", w, config)])
-    hidden = _rms_norm(encoder, x, "encoder.final_layer_norm", w["encoder.final_layer_norm.weight"], eps)
+        normed, x = _norm(encoder, x, f"{p}.0.layer_norm", w, eps, skip=pending)
+        q, k, v = _projections(encoder, normed, f"{p}.0.SelfAttention", w)
+        context = encoder.attention(q, k, v, bias, heads, 1.0)  # T5 does not scale its scores
+        attention = encoder.matmul(context, f"{p}.0.SelfAttention.o", w[f"{p}.0.SelfAttention.o.weight"])
+        normed, x = _norm(encoder, attention, f"{p}.1.layer_norm", w, eps, skip=x)
+        pending = _feed_forward(encoder, normed, f"{p}.1.DenseReluDense", w, config)
+    hidden, _ = _norm(encoder, x, "encoder.final_layer_norm", w, eps, skip=pending)
     cache_shape = ["batch", heads, "source", head_dim]
     for i in range(config.num_decoder_layers):
         p = f"decoder.block.{i}.layer.1.EncDecAttention"
-        key, value = _attention_projections(encoder, hidden, p, w, heads, head_dim, names=("k", "v"))
+        key, value = [encoder.op("Transpose", [encoder.op("Reshape", [projection, encoder.const([0, 0, heads, head_dim])])],
+                                 perm=[0, 2, 1, 3]) for projection in _projections(encoder, hidden, p, w, ("k", "v"))]
         encoder.output(key, f"cross_key.{i}", TensorProto.FLOAT, cache_shape)
         encoder.output(value, f"cross_value.{i}", TensorProto.FLOAT, cache_shape)
 
@@ -146,28 +147,33 @@ def build(config, w: WeightSource, store: Store, plan: WeightPlan) -> tuple[list
                                            decoder.const(0)])  # [q, k]
     causal = decoder.op("And", [causal, decoder.op("Cast", [decoder.op("Unsqueeze", [self_mask, decoder.const([1, 2])])],
                                                    to=TensorProto.BOOL)])  # [batch, 1, q, k]
+    self_bias = decoder.masked_bias(causal, self_bias)  # [batch, heads, q, k], shared by every layer
+    # [batch, 1, q, source]: MultiHeadAttention wants the query axis spelled out
+    cross_bias = decoder.op("Expand", [decoder.masked_bias(cross_allowed, None),
+                                       decoder.op("Concat", [decoder.const([1, 1]), new_length, decoder.const([1])],
+                                                  axis=0)])
     presents = []
+    pending = None
     for i in range(config.num_decoder_layers):
         p = f"decoder.block.{i}.layer"
-        normed = _rms_norm(decoder, x, f"{p}.0.layer_norm", w[f"{p}.0.layer_norm.weight"], eps)
-        q, k, v = _attention_projections(decoder, normed, f"{p}.0.SelfAttention", w, heads, head_dim)
-        # Reorder the cache for beam search inside the graph: the concat copies it anyway.
-        k = decoder.op("Concat", [decoder.op("Gather", [past[i][0], beam_idx], axis=0), k], axis=2)
-        v = decoder.op("Concat", [decoder.op("Gather", [past[i][1], beam_idx], axis=0), v], axis=2)
+        normed, x = _norm(decoder, x, f"{p}.0.layer_norm", w, eps, skip=pending)
+        q, k, v = _projections(decoder, normed, f"{p}.0.SelfAttention", w)
+        # The cache, reordered for beam search and extended by this step inside the graph.
+        k, v = [decoder.append_cache(past[i][j], new, beam_idx, heads, head_dim) for j, new in enumerate((k, v))]
         presents.append((k, v))
-        context = decoder.merge_heads(decoder.attend(q, k, v, self_bias, causal, None), heads, head_dim)
-        x = decoder.op("Add", [x, decoder.matmul(context, f"{p}.0.SelfAttention.o", w[f"{p}.0.SelfAttention.o.weight"])])
-        normed = _rms_norm(decoder, x, f"{p}.1.layer_norm", w[f"{p}.1.layer_norm.weight"], eps)
-        (q,) = _attention_projections(decoder, normed, f"{p}.1.EncDecAttention", w, heads, head_dim, names=("q",))
-        context = decoder.merge_heads(decoder.attend(q, cross[i][0], cross[i][1], None, cross_allowed, None),
-                                      heads, head_dim)
-        x = decoder.op("Add", [x, decoder.matmul(context, f"{p}.1.EncDecAttention.o", w[f"{p}.1.EncDecAttention.o.weight"])])
-        normed = _rms_norm(decoder, x, f"{p}.2.layer_norm", w[f"{p}.2.layer_norm.weight"], eps)
-        x = decoder.op("Add", [x, _feed_forward(decoder, normed, f"{p}.2.DenseReluDense", w, config)])
+        context = decoder.attention(q, k, v, self_bias, heads, 1.0)
+        attention = decoder.matmul(context, f"{p}.0.SelfAttention.o", w[f"{p}.0.SelfAttention.o.weight"])
+        normed, x = _norm(decoder, attention, f"{p}.1.layer_norm", w, eps, skip=x)
+        (q,) = _projections(decoder, normed, f"{p}.1.EncDecAttention", w, names=("q",))
+        context = decoder.attention(q, cross[i][0], cross[i][1], cross_bias, heads, 1.0)
+        attention = decoder.matmul(context, f"{p}.1.EncDecAttention.o", w[f"{p}.1.EncDecAttention.o.weight"])
+        normed, x = _norm(decoder, attention, f"{p}.2.layer_norm", w, eps, skip=x)
+        pending = _feed_forward(decoder, normed, f"{p}.2.DenseReluDense", w, config)
+    x = decoder.op("Add", [x, pending])
     # Only the last position's logits are needed to generate: [batch, model]
     last = decoder.op("Gather", [x, decoder.op("Sub", [decoder.op("Squeeze", [new_length]), decoder.const(1)])],
                       axis=1)
-    hidden = _rms_norm(decoder, last, "decoder.final_layer_norm", w["decoder.final_layer_norm.weight"], eps)
+    hidden, _ = _norm(decoder, last, "decoder.final_layer_norm", w, eps)
     if config.tie_word_embeddings:
         hidden = decoder.op("Mul", [hidden, decoder.const(np.float32(config.d_model ** -0.5), np.float32)])
         outputs = output_graphs(config.d_model, w, "shared.weight", shared, "shared", plan)
