@@ -33,7 +33,7 @@ class DecodeState:
     cross: list[ort.OrtValue] = field(default_factory=list)  # seq2seq: per layer cross key, value
     encoder_mask: np.ndarray | None = None  # seq2seq: [rows, source]
     capacity: int = 0  # the longest cache the request can need (0: unknown)
-    # CPU: two sets of flat buffers, one per present, holding the cache of alternate steps (ping-pong)
+    # CPU: flat buffers, one per present, sized for the request: one set (written in place) or two (used in turn)
     buffers: list[list[np.ndarray]] | None = None
     flip: int = 0
 
@@ -68,6 +68,7 @@ class Runner:
         cache = manifest.cache
         self.num_layers, self.num_heads, self.head_dim = cache["num_layers"], cache["num_heads"], cache["head_dim"]
         self.cache_dtype = np.dtype(cache.get("dtype", "float32"))
+        self.in_place = bool(cache.get("present_may_overwrite_past", False))  # see _presents
         layers = range(self.num_layers)
         self.past_names = [n for i in layers for n in (cache["past_key"].format(layer=i),
                                                        cache["past_value"].format(layer=i))]
@@ -103,10 +104,11 @@ class Runner:
     def _presents(self, state: DecodeState, rows: int, length: int) -> dict[str, ort.OrtValue]:
         """Where this step's presents [rows, heads, length, d] go, allocated outside onnxruntime's arena.
 
-        On the CPU they alternate between two sets of buffers sized for the whole request: the past is read
-        from one while the present is written to the other, and a cache that grows by one position per step
-        is never allocated again (bloomz-560m int8 at 8x4 beams: bench peak RSS 2.1-2.6 GB before, 1.9 GB
-        after, of which 2 x 352 MB are the past and present held together)."""
+        On the CPU they live in buffers sized for the whole request, so a cache that grows by one position per
+        step is never allocated again. When the export says a graph reads each past only through the Gather that
+        reorders it (into a buffer of its own) before it writes the present, the present is written over its
+        past: one cache in memory (bloomz-560m int8 at 8x4 beams: 352 MB less at the peak). Other graphs alternate
+        between two sets, reading the past from one while writing the present to the other."""
         shape = [rows, self.num_heads, length, self.head_dim]
         size = rows * self.num_heads * length * self.head_dim
         if self.device != "cpu" or not state.capacity or length > state.capacity:
@@ -115,8 +117,9 @@ class Runner:
         if state.buffers is None:
             rows_max = max(rows, state.input_ids.shape[0] * state.expand)
             count = rows_max * self.num_heads * state.capacity * self.head_dim
-            state.buffers = [[np.empty(count, self.cache_dtype) for _ in self.present_names] for _ in range(2)]
-        state.flip ^= 1
+            state.buffers = [[np.empty(count, self.cache_dtype) for _ in self.present_names]
+                             for _ in range(1 if self.in_place else 2)]
+        state.flip = (state.flip + 1) % len(state.buffers)
         return {name: ort.OrtValue.ortvalue_from_numpy(buffer[:size].reshape(shape))
                 for name, buffer in zip(self.present_names, state.buffers[state.flip])}
 

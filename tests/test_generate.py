@@ -289,3 +289,28 @@ def test_log_softmax_on_threads_equals_one_thread():
     one, two = log_softmax_inplace(scores.copy(), threads=1), log_softmax_inplace(scores.copy(), threads=2)
     np.testing.assert_array_equal(one, two)
     np.testing.assert_allclose(np.exp(one).sum(axis=1), 1.0, rtol=1e-4)
+
+
+def test_cache_is_written_over_the_past_when_the_export_allows(family):
+    """One cache buffer per layer (the present written over the past it reorders), with the same tokens and scores
+    as two buffers used in turn, the only way for folders whose manifest does not allow it."""
+    model = load(family["export"])
+    assert model.manifest.cache["present_may_overwrite_past"] and model.runner.in_place
+    sets = []
+    presents = model.runner._presents
+
+    def spy(state, rows, length):
+        values = presents(state, rows, length)
+        sets.append(len(state.buffers) if state.buffers else 0)
+        return values
+
+    model.runner._presents = spy
+    rows = _prompts(family, model)
+    options = dict(max_new_tokens=8, min_new_tokens=8, num_beams=3, num_return_sequences=2, output_scores=True)
+    in_place = model.generate(input_ids=rows, **options)
+    assert set(sets) == {1}
+    sets.clear()
+    model.runner.in_place = False
+    alternating = model.generate(input_ids=rows, **options)
+    assert set(sets) == {2}
+    assert in_place.sequences == alternating.sequences and in_place.scores == alternating.scores

@@ -36,6 +36,9 @@ def cache_fields(num_layers: int, num_heads: int, head_dim: int) -> dict:
         "present_key": "present_key.{layer}",
         "present_value": "present_value.{layer}",
         "reorder_input": "beam_idx",
+        # Each past is read once, by the Gather that reorders it for beam search, into a buffer of its own, before
+        # the present is written: the runtime may bind a layer's present to its past's memory (one cache, not two).
+        "present_may_overwrite_past": True,
     }
 
 
