@@ -192,7 +192,7 @@ def plots(report: dict, folder: str) -> list[str]:
             batch, beams = setting.split("x")
             bars(axis, present, [b["settings"][setting]["tokens_per_second"] for b in present],
                  f"{model_name}: batch {batch}, {beams} beam{'s' if beams != '1' else ''}", "generated tokens / s")
-    figure.suptitle(f"xmtf-onnx (green) and rivals (gray), tokens/s — {where}", fontsize=9)
+    figure.suptitle(_fit(f"xmtf-onnx (green) and rivals (gray), tokens/s — {where}", figure), fontsize=9)
     figure.tight_layout()
     written.append(os.path.join(folder, "tokens_per_second.png"))
     figure.savefig(written[-1], dpi=110)
@@ -202,12 +202,19 @@ def plots(report: dict, folder: str) -> list[str]:
     for axis, model_name in zip(axes[0], models):
         backends = [b for b in report["models"][model_name]["backends"] if b["status"] == "ok"]
         bars(axis, backends, [b["peak_rss_bytes"] / 1e6 for b in backends], model_name, "peak RSS of its process (MB)")
-    figure.suptitle(f"Peak resident memory — {where}", fontsize=9)
+    figure.suptitle(_fit(f"Peak resident memory — {where}", figure), fontsize=9)
     figure.tight_layout()
     written.append(os.path.join(folder, "peak_rss.png"))
     figure.savefig(written[-1], dpi=110)
     plt.close(figure)
     return written
+
+
+def _fit(title: str, figure) -> str:
+    """The title wrapped to the figure's width (about 13 characters per inch at 9 points): never cut off."""
+    import textwrap
+
+    return textwrap.fill(title, width=max(40, int(figure.get_figwidth() * 13)))
 
 
 def write_reports(report: dict, folder: str) -> list[str]:
