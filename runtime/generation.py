@@ -364,12 +364,11 @@ def run_beam_search(runner, state, config: GenerationConfig, stop_check, timer: 
     batch_offset = (np.arange(batch) * num_beams)[:, None]
 
     began = time.perf_counter()
-    logits = runner.logits(runner.prefill(state))
+    log_probs = runner.log_probs(runner.prefill(state))  # [rows, vocab]
     cur_len = prompt_length
     while True:
         history = running_sequences[:, :, :cur_len].reshape(rows, cur_len)
         timer.full_rows += rows
-        log_probs = log_softmax_inplace(np.asarray(logits, dtype=np.float32), threads=runner.threads)  # [rows, vocab]
         log_probs = process(log_probs, history, cur_len - prompt_length, config, runner.vocabulary)
         vocab = log_probs.shape[-1]
         if config.do_sample:
@@ -431,7 +430,7 @@ def run_beam_search(runner, state, config: GenerationConfig, stop_check, timer: 
         if not (improvable.any() and open_beam and not hits.all()):
             break
         began = time.perf_counter()
-        logits = runner.logits(runner.decode_step(state, running_sequences[:, :, cur_len - 1].reshape(-1), beam_idx))
+        log_probs = runner.log_probs(runner.decode_step(state, running_sequences[:, :, cur_len - 1].reshape(-1), beam_idx))
 
     returned = config.num_return_sequences
     hypotheses = []

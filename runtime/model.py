@@ -12,7 +12,7 @@ import numpy as np
 import onnxruntime as ort
 
 from .errors import GenerationInputError, ManifestError
-from .generation import (GenerationConfig, Hypothesis, StepTimer, Vocabulary, log_softmax_inplace, run_beam_search,
+from .generation import (GenerationConfig, Hypothesis, StepTimer, Vocabulary, run_beam_search,
                          run_sampling, sample_tokens)
 from .manifest import OPTIONAL_ROLES, ROLES, Manifest, read_manifest
 from .runners import RUNNERS
@@ -277,7 +277,7 @@ class Model:
         hidden = self.runner.prefill(state)  # [batch, d]
         vocabulary = self.runner.vocabulary
         for step in range(steps):
-            log_probs = log_softmax_inplace(self.runner.logits(hidden), threads=self.runner.threads)  # [batch, columns]
+            log_probs = self.runner.log_probs(hidden)  # [batch, columns]
             if vocabulary is not None:  # every token: those the restricted head cannot produce are -inf
                 full = np.full((log_probs.shape[0], self.vocab_size), -np.inf, np.float32)
                 full[:, vocabulary.ids] = log_probs

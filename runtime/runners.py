@@ -20,6 +20,7 @@ import onnxruntime as ort
 
 from .errors import InferenceError
 from .manifest import Manifest
+from .session import log_softmax_session
 
 
 @dataclass
@@ -184,6 +185,16 @@ class Runner:
         """hidden [rows, d] -> logits [rows, columns] (every token, or a restricted variant's), a fresh buffer the
         caller may overwrite."""
         return _run(self.sessions["head"], self.device, {"hidden": hidden}, {}, [], ["logits"])[0].numpy()
+
+    def log_probs(self, hidden: np.ndarray) -> np.ndarray:
+        """hidden [rows, d] -> log_softmax of the logits [rows, columns], a fresh buffer: the logits go from the head
+        to onnxruntime's LogSoftmax without a copy (beam search reads these)."""
+        logits = _run(self.sessions["head"], self.device, {"hidden": hidden}, {}, [], ["logits"])[0]
+        if self._log_softmax is None:
+            self._log_softmax = log_softmax_session(self.threads)
+        return _run(self._log_softmax, "cpu", {}, {"logits": logits}, [], ["log_probs"])[0].numpy()
+
+    _log_softmax: ort.InferenceSession | None = None
 
     @property
     def has_screen(self) -> bool:

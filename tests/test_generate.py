@@ -318,3 +318,19 @@ def test_cache_is_written_over_the_past_when_the_export_allows(family):
     alternating = model.generate(input_ids=rows, **options)
     assert set(sets) == {2}
     assert in_place.sequences == alternating.sequences and in_place.scores == alternating.scores
+
+
+def test_log_softmax_graph_is_valid_onnx_and_matches_numpy():
+    """The runtime's own one-node LogSoftmax model (serialized without the onnx package) is a valid ONNX model and
+    computes numpy's log_softmax; beam search reads its output."""
+    import onnx
+
+    from xmtf_onnx.runtime.generation import log_softmax_inplace
+    from xmtf_onnx.runtime.session import log_softmax_model, log_softmax_session
+
+    model = onnx.load_from_string(log_softmax_model())
+    onnx.checker.check_model(model, full_check=True)
+    assert [n.op_type for n in model.graph.node] == ["LogSoftmax"]
+    logits = np.random.default_rng(0).normal(0, 8, (5, 3001)).astype(np.float32)
+    got = log_softmax_session(2).run(None, {"logits": logits})[0]
+    np.testing.assert_allclose(got, log_softmax_inplace(logits.copy(), threads=1), atol=2e-5)
