@@ -20,7 +20,7 @@ import onnxruntime as ort
 
 from .errors import InferenceError
 from .manifest import Manifest
-from .session import log_softmax_session
+from .session import log_softmax_session, small_session, top_k_model
 
 
 @dataclass
@@ -195,6 +195,17 @@ class Runner:
         return _run(self._log_softmax, "cpu", {}, {"logits": logits}, [], ["log_probs"])[0].numpy()
 
     _log_softmax: ort.InferenceSession | None = None
+
+    def top_k(self, scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The k largest of each row of scores [rows, columns] float32, largest first, ties in column order ->
+        (values, column indices), [rows, k] each: onnxruntime's TopK (beam search's candidates)."""
+        if self._top_k is None:
+            self._top_k = small_session(top_k_model(), self.threads)
+        values, indices = _run(self._top_k, "cpu", {"scores": np.ascontiguousarray(scores, dtype=np.float32),
+                                                    "k": np.array([k], np.int64)}, {}, [], ["values", "indices"])
+        return values.numpy(), indices.numpy()
+
+    _top_k: ort.InferenceSession | None = None
 
     @property
     def has_screen(self) -> bool:

@@ -141,29 +141,52 @@ def _field(number: int, value: int | str | bytes) -> bytes:
     return _varint(number << 3 | 2) + _varint(len(data)) + data
 
 
-def log_softmax_model() -> bytes:
-    """An ONNX model (opset 17) with one LogSoftmax over the last axis: float32 logits [rows, columns] ->
-    log_probs. Serialized here, field by field of onnx.proto (ModelProto 1 ir_version, 7 graph, 8 opset_import;
-    GraphProto 1 node, 2 name, 11 input, 12 output; NodeProto 1 input, 2 output, 4 op_type, 5 attribute;
-    AttributeProto 1 name, 3 i, 20 type = INT (2); ValueInfoProto 1 name, 2 type; TypeProto 1 tensor_type;
-    TypeProto.Tensor 1 elem_type = FLOAT (1), 2 shape; TensorShapeProto 1 dim; Dimension 2 dim_param), because
-    the runtime does not depend on the onnx package."""
-    shape = _field(1, _field(2, "rows")) + _field(1, _field(2, "columns"))
+FLOAT, INT64 = 1, 7  # onnx.TensorProto's element types
 
-    def tensor(name: str) -> bytes:
-        return _field(1, name) + _field(2, _field(1, _field(1, 1) + _field(2, shape)))
 
-    axis = _field(1, "axis") + _field(3, -1) + _field(20, 2)
-    node = _field(1, "logits") + _field(2, "log_probs") + _field(4, "LogSoftmax") + _field(5, axis)
-    graph = _field(1, node) + _field(2, "log_softmax") + _field(11, tensor("logits")) + _field(12, tensor("log_probs"))
+def one_node_model(op_type: str, inputs: list[tuple[str, int]], outputs: list[tuple[str, int]],
+                   attributes: dict[str, int]) -> bytes:
+    """An ONNX model (opset 17) of one node over 2-D tensors [rows, columns] (1-D [count] for int64 inputs), with
+    integer attributes. Serialized here, field by field of onnx.proto (ModelProto 1 ir_version, 7 graph,
+    8 opset_import; GraphProto 1 node, 2 name, 11 input, 12 output; NodeProto 1 input, 2 output, 4 op_type,
+    5 attribute; AttributeProto 1 name, 3 i, 20 type = INT (2); ValueInfoProto 1 name, 2 type; TypeProto
+    1 tensor_type; TypeProto.Tensor 1 elem_type, 2 shape; TensorShapeProto 1 dim; Dimension 2 dim_param),
+    because the runtime does not depend on the onnx package."""
+    def value(name: str, elem_type: int, io: str) -> bytes:
+        axes = ["count"] if (elem_type == INT64 and io == "input") else ["rows", "columns"]
+        shape = b"".join(_field(1, _field(2, axis)) for axis in axes)
+        return _field(1, name) + _field(2, _field(1, _field(1, elem_type) + _field(2, shape)))
+
+    node = b"".join(_field(1, name) for name, _ in inputs) + b"".join(_field(2, name) for name, _ in outputs)
+    node += _field(4, op_type) + b"".join(_field(5, _field(1, k) + _field(3, v) + _field(20, 2))
+                                          for k, v in attributes.items())
+    graph = _field(1, node) + _field(2, op_type.lower())
+    graph += b"".join(_field(11, value(n, t, "input")) for n, t in inputs)
+    graph += b"".join(_field(12, value(n, t, "output")) for n, t in outputs)
     return _field(1, 8) + _field(7, graph) + _field(8, _field(2, 17))
+
+
+def log_softmax_model() -> bytes:
+    """LogSoftmax over the last axis: float32 logits [rows, columns] -> log_probs."""
+    return one_node_model("LogSoftmax", [("logits", FLOAT)], [("log_probs", FLOAT)], {"axis": -1})
+
+
+def top_k_model() -> bytes:
+    """TopK per row, largest first, ties in index order: float32 scores [rows, columns], k [1] -> values, indices."""
+    return one_node_model("TopK", [("scores", FLOAT), ("k", INT64)], [("values", FLOAT), ("indices", INT64)],
+                          {"axis": -1, "largest": 1, "sorted": 1})
+
+
+def small_session(model: bytes, threads: int | None = None) -> ort.InferenceSession:
+    """A session over one of the runtime's own one-node models, on the CPU."""
+    options = default_options()
+    if threads is not None:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    return ort.InferenceSession(model, sess_options=options, providers=["CPUExecutionProvider"])
 
 
 def log_softmax_session(threads: int | None = None) -> ort.InferenceSession:
     """log_softmax of a [rows, columns] float32 array on the CPU: 6 ms for 32 x 250k logits on 2 cores, where
     numpy took 21 ms with two threads (a sixth of mt0-small's int8 step at 8x4 beams)."""
-    options = default_options()
-    if threads is not None:
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-    return ort.InferenceSession(log_softmax_model(), sess_options=options, providers=["CPUExecutionProvider"])
+    return small_session(log_softmax_model(), threads)

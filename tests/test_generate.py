@@ -204,10 +204,20 @@ def test_scores_only_when_asked_and_the_default_takes_the_screen(family):
     assert len(beams.scores) == 2 and beams.token_scores is None and beams.metrics["full_rows"] > 0
 
 
+@pytest.mark.parametrize("with_onnxruntime", [False, True])
 @pytest.mark.parametrize("seed", range(4))
-def test_beam_candidates_equal_the_dense_top_k(seed):
-    """The sparse candidate search equals a dense stable top-k over [batch, beams*vocab], ties and -inf included."""
+def test_beam_candidates_equal_the_dense_top_k(seed, with_onnxruntime):
+    """The sparse candidate search (numpy's, or onnxruntime's TopK per row as beam search runs it) equals a dense
+    stable top-k over [batch, beams*vocab], ties and -inf included."""
     from xmtf_onnx.runtime.generation import beam_candidates
+    from xmtf_onnx.runtime.session import small_session, top_k_model
+
+    top_k = None
+    if with_onnxruntime:
+        session = small_session(top_k_model(), 2)
+
+        def top_k(scores, k):
+            return session.run(None, {"scores": scores, "k": np.array([k], np.int64)})
 
     rng = np.random.default_rng(seed)
     batch, beams, vocab, keep = 3, 4, 37 + seed * 50, 8
@@ -217,7 +227,7 @@ def test_beam_candidates_equal_the_dense_top_k(seed):
     running[:, 1:] = -1e9 if seed == 0 else running[:, 1:]  # the first step: one live beam per item
     dense = (log_probs.reshape(batch, beams, vocab) + running[:, :, None]).reshape(batch, -1)
     expected = np.stack([np.lexsort((np.arange(row.size), -row))[:keep] for row in dense])
-    indices, scores = beam_candidates(log_probs, running, keep)
+    indices, scores = beam_candidates(log_probs, running, keep, top_k)
     np.testing.assert_array_equal(indices, expected)
     np.testing.assert_array_equal(scores, np.take_along_axis(dense, expected, axis=1))
 
