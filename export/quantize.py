@@ -23,11 +23,10 @@ from onnx import numpy_helper
 
 from xmtf_onnx.runtime.manifest import OPTIONAL_ROLES, read_manifest, write_manifest
 
-from .graph import ALIGNMENT, MS_DOMAIN, PAGE, PAGE_ALIGNED_FROM, WeightFile, block_table
-from .weights import ArraySource
-
 from .errors import ExportError, OutputExistsError
 from .exporter import file_entry
+from .graph import ALIGNMENT, MS_DOMAIN, PAGE, PAGE_ALIGNED_FROM, WeightFile, WeightPlan, block_table
+from .weights import ArraySource
 
 MODES = ("int8-dynamic", "int8-weight", "int4-weight", "fp16")
 # fp16: MatMul weights and activations in fp16 (tensor cores on CUDA); everything elementwise -- the residual
@@ -334,6 +333,7 @@ def add_variant(folder: str, manifest: dict, mode: str, block_size: int = DEFAUL
     fp32_files = manifest["variants"]["fp32"]["files"]
     roles = [role for role in fp32_files if role not in OPTIONAL_ROLES]
     embedded: set[str] = set()
+    bits = WeightPlan(mode).bits  # of the embedding's blocks, as the export writes them
     with variant_folder(folder, name) as partial:
         tables = WeightFile(EMBEDDINGS_FILE).bind(partial)
         for role in roles:
@@ -342,8 +342,8 @@ def add_variant(folder: str, manifest: dict, mode: str, block_size: int = DEFAUL
             details, kept[role] = _quantize_graph(os.path.join(folder, entry["path"]), target, mode, block_size,
                                                   patterns)
             if mode != "fp16":
-                done, table_kept = _quantize_embeddings(target, int(manifest["tokens"]["vocab_size"]),
-                                                        4 if mode == "int4-weight" else 8, block_size, patterns, tables)
+                done, table_kept = _quantize_embeddings(target, int(manifest["tokens"]["vocab_size"]), bits, block_size,
+                                                        patterns, tables)
                 embedded.update(done)
                 kept[role] += table_kept
         if not tables.placements:
@@ -353,7 +353,7 @@ def add_variant(folder: str, manifest: dict, mode: str, block_size: int = DEFAUL
         files["screen"] = fp32_files["screen"]  # the head is still the fp32 projection the screen bounds
     details.update(onnxruntime=onnxruntime.__version__, mode=mode, kept_fp32={"patterns": list(patterns), "weights": kept})
     if embedded:
-        details["embedding"] = (f"com.microsoft.GatherBlockQuantized, {4 if mode == 'int4-weight' else 8}-bit blocks of "
+        details["embedding"] = (f"com.microsoft.GatherBlockQuantized, {bits}-bit blocks of "
                                 f"{block_size}, stored once in {name}/{EMBEDDINGS_FILE}: {', '.join(sorted(embedded))}")
     manifest["variants"][name] = {"quantization": details, "files": files}
     record_aliases(manifest)

@@ -241,43 +241,26 @@ def log_softmax_inplace(scores: np.ndarray, rows_per_chunk: int = 4, threads: in
 
 
 def beam_candidates(log_probs: np.ndarray, running_scores: np.ndarray, keep: int,
-                    top_k=None) -> tuple[np.ndarray, np.ndarray]:
+                    top_k) -> tuple[np.ndarray, np.ndarray]:
     """The `keep` best (beam, token) continuations per batch item, best first, as transformers' top-k over
     log_probs + running score flattened to [batch, beams*vocab] (ties: lower flat index first).
 
     Never materialises [batch, beams*vocab]: every entry of an item's best `keep` is among the best `keep` of its
-    own row, so with `top_k` (values, indices = top_k(array, k): per row, largest first, ties in index order;
-    the runner's onnxruntime TopK) only rows x keep entries are ranked. Without it: each row's k-th largest value is
-    at least the smallest of the maxima of k disjoint slices of the row, so only the entries at or above that bound
-    can be chosen. log_probs [batch*beams, vocab], running_scores [batch, beams] -> flat indices and scores,
-    [batch, keep].
+    own row, so only those are ranked. top_k(array, k) -> values, indices: per row, largest first, ties in index
+    order (the runner's onnxruntime TopK). log_probs [batch*beams, vocab], running_scores [batch, beams] -> flat
+    indices and scores, [batch, keep].
     """
     rows, vocab = log_probs.shape
     batch, beams = running_scores.shape
-    nan = InferenceError("the model produced NaN logits; beam search cannot rank them. With a quantized or fp16 "
-                         "variant, try the fp32 one.")
-    if top_k is not None and vocab >= keep:
-        values, token = top_k(log_probs, keep)  # [rows, keep]
-        if np.isnan(values).any():
-            raise nan
-        total = (values + running_scores.reshape(rows, 1)).reshape(batch, beams * keep)  # the dense form's sum
-        index = ((np.arange(rows) % beams)[:, None] * vocab + token).reshape(batch, beams * keep)
-        picked = np.lexsort((index, -total))[:, :keep]  # per item: score descending, then index
-        return np.take_along_axis(index, picked, axis=1), np.take_along_axis(total, picked, axis=1)
-    slices = min(keep, vocab)
-    usable = vocab // slices * slices
-    bound = log_probs[:, :usable].reshape(rows, slices, -1).max(axis=2).min(axis=1)  # [rows]
-    flat = np.flatnonzero(log_probs >= bound[:, None])  # a few entries per row
-    row, token = np.divmod(flat, vocab)
-    total = log_probs.ravel()[flat] + running_scores.ravel()[row]  # the same float32 sum as the dense form
-    item, index = np.divmod(row, beams)
-    index = index * vocab + token  # [beams*vocab] flat index within the batch item
-    if np.bincount(item, minlength=batch).min() < keep:  # only NaN logits compare false everywhere
-        raise nan
-    order = np.lexsort((index, -total, item))  # by item, then score descending, then index
-    first = np.searchsorted(item[order], np.arange(batch))  # each item has >= keep candidates
-    picked = order[first[:, None] + np.arange(keep)]  # [batch, keep]
-    return index[picked], total[picked]
+    per_row = min(keep, vocab)
+    values, token = top_k(log_probs, per_row)  # [rows, per_row]
+    if np.isnan(values).any():
+        raise InferenceError("the model produced NaN logits; beam search cannot rank them. With a quantized or fp16 "
+                             "variant, try the fp32 one.")
+    total = (values + running_scores.reshape(rows, 1)).reshape(batch, beams * per_row)  # the dense form's sum
+    index = ((np.arange(rows) % beams)[:, None] * vocab + token).reshape(batch, beams * per_row)
+    picked = np.lexsort((index, -total))[:, :keep]  # per item: score descending, then index
+    return np.take_along_axis(index, picked, axis=1), np.take_along_axis(total, picked, axis=1)
 
 
 def topk_sorted(values: np.ndarray, k: int) -> np.ndarray:

@@ -20,7 +20,7 @@ import onnxruntime as ort
 
 from .errors import InferenceError
 from .manifest import Manifest
-from .session import log_softmax_session, small_session, top_k_model
+from .session import log_softmax_model, small_session, top_k_model
 
 
 @dataclass
@@ -70,6 +70,7 @@ class Runner:
         self.num_layers, self.num_heads, self.head_dim = cache["num_layers"], cache["num_heads"], cache["head_dim"]
         self.cache_dtype = np.dtype(cache.get("dtype", "float32"))
         self.in_place = bool(cache.get("present_may_overwrite_past", False))  # see _presents
+        self._own_sessions: dict = {}  # see _own
         layers = range(self.num_layers)
         self.past_names = [n for i in layers for n in (cache["past_key"].format(layer=i),
                                                        cache["past_value"].format(layer=i))]
@@ -184,28 +185,29 @@ class Runner:
     def logits(self, hidden: np.ndarray) -> np.ndarray:
         """hidden [rows, d] -> logits [rows, columns] (every token, or a restricted variant's), a fresh buffer the
         caller may overwrite."""
-        return _run(self.sessions["head"], self.device, {"hidden": hidden}, {}, [], ["logits"])[0].numpy()
+        return self._head(hidden).numpy()
 
     def log_probs(self, hidden: np.ndarray) -> np.ndarray:
         """hidden [rows, d] -> log_softmax of the logits [rows, columns], a fresh buffer: the logits go from the head
         to onnxruntime's LogSoftmax without a copy (beam search reads these)."""
-        logits = _run(self.sessions["head"], self.device, {"hidden": hidden}, {}, [], ["logits"])[0]
-        if self._log_softmax is None:
-            self._log_softmax = log_softmax_session(self.threads)
-        return _run(self._log_softmax, "cpu", {}, {"logits": logits}, [], ["log_probs"])[0].numpy()
-
-    _log_softmax: ort.InferenceSession | None = None
+        return _run(self._own(log_softmax_model), "cpu", {}, {"logits": self._head(hidden)}, [], ["log_probs"])[0].numpy()
 
     def top_k(self, scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """The k largest of each row of scores [rows, columns] float32, largest first, ties in column order ->
         (values, column indices), [rows, k] each: onnxruntime's TopK (beam search's candidates)."""
-        if self._top_k is None:
-            self._top_k = small_session(top_k_model(), self.threads)
-        values, indices = _run(self._top_k, "cpu", {"scores": np.ascontiguousarray(scores, dtype=np.float32),
-                                                    "k": np.array([k], np.int64)}, {}, [], ["values", "indices"])
+        values, indices = _run(self._own(top_k_model), "cpu", {"scores": np.ascontiguousarray(scores, dtype=np.float32),
+                                                               "k": np.array([k], np.int64)}, {}, [], ["values", "indices"])
         return values.numpy(), indices.numpy()
 
-    _top_k: ort.InferenceSession | None = None
+    def _head(self, hidden: np.ndarray) -> ort.OrtValue:
+        return _run(self.sessions["head"], self.device, {"hidden": hidden}, {}, [], ["logits"])[0]
+
+    def _own(self, model) -> ort.InferenceSession:
+        """The session of one of the runtime's own one-node models (session.py), made on first use with the model's
+        threads (set after the runner)."""
+        if model not in self._own_sessions:
+            self._own_sessions[model] = small_session(model(), self.threads)
+        return self._own_sessions[model]
 
     @property
     def has_screen(self) -> bool:

@@ -106,9 +106,7 @@ def make_session(path: str, provider: str = "cpu", threads: int | None = None,
         path = prepacked_graph(path, os.fspath(prepacked_cache))
     if options is None:
         options = default_options()
-    if threads is not None:
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
+    _set_threads(options, threads)
     providers = [provider_name] if provider_name == "CPUExecutionProvider" else [provider_name,
                                                                                  "CPUExecutionProvider"]
     try:
@@ -121,7 +119,7 @@ def make_session(path: str, provider: str = "cpu", threads: int | None = None,
     return session
 
 
-# ---- a one-node graph the runtime makes itself: log_softmax over the logits, in onnxruntime ----
+# ---- one-node graphs the runtime makes itself (beam search's log_softmax and top-k, in onnxruntime) ----
 
 def _varint(value: int) -> bytes:
     value &= (1 << 64) - 1  # protobuf writes a negative int64 as its 64-bit two's complement
@@ -178,15 +176,14 @@ def top_k_model() -> bytes:
 
 
 def small_session(model: bytes, threads: int | None = None) -> ort.InferenceSession:
-    """A session over one of the runtime's own one-node models, on the CPU."""
+    """A session over one of the runtime's own one-node models, on the CPU (log_softmax: 6 ms for 32 x 250k logits
+    on 2 cores, where numpy took 21 ms with two threads, a sixth of mt0-small's int8 step at 8x4 beams)."""
     options = default_options()
-    if threads is not None:
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
+    _set_threads(options, threads)
     return ort.InferenceSession(model, sess_options=options, providers=["CPUExecutionProvider"])
 
 
-def log_softmax_session(threads: int | None = None) -> ort.InferenceSession:
-    """log_softmax of a [rows, columns] float32 array on the CPU: 6 ms for 32 x 250k logits on 2 cores, where
-    numpy took 21 ms with two threads (a sixth of mt0-small's int8 step at 8x4 beams)."""
-    return small_session(log_softmax_model(), threads)
+def _set_threads(options: ort.SessionOptions, threads: int | None) -> None:
+    if threads is not None:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1

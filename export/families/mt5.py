@@ -113,8 +113,8 @@ def build(config, w: WeightSource, store: Store, plan: WeightPlan) -> tuple[list
     cache_shape = ["batch", heads, "source", head_dim]
     for i in range(config.num_decoder_layers):
         p = f"decoder.block.{i}.layer.1.EncDecAttention"
-        key, value = [encoder.op("Transpose", [encoder.op("Reshape", [projection, encoder.const([0, 0, heads, head_dim])])],
-                                 perm=[0, 2, 1, 3]) for projection in _projections(encoder, hidden, p, w, ("k", "v"))]
+        key, value = [encoder.split_heads(projection, heads, head_dim)
+                      for projection in _projections(encoder, hidden, p, w, ("k", "v"))]
         encoder.output(key, f"cross_key.{i}", TensorProto.FLOAT, cache_shape)
         encoder.output(value, f"cross_value.{i}", TensorProto.FLOAT, cache_shape)
 
