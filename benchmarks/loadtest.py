@@ -278,7 +278,7 @@ def _soak(args: argparse.Namespace, report: dict) -> int:
     from . import soak
 
     model = load(args.offline, threads=args.threads, variant=args.variant, verify=False)
-    if model.tokenizer is None:
+    if not model.has_tokenizer:
         print("error: the soak sends text and checks it: export the model with its tokenizer", file=sys.stderr)
         return 1
     clients = max(int(c) for c in args.concurrency.split(",") if c)

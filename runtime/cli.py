@@ -187,7 +187,7 @@ def _generate(args: argparse.Namespace) -> int:
         _print(output, [args.ids], args.jsonl)
         return 0
     prompts = _read_prompts(args)
-    if prompts and model.tokenizer is None:
+    if prompts and not model.has_tokenizer:
         print(f"error: {args.model_dir} has no tokenizer.json (its checkpoint had none): "
               "pass token ids with --ids 5 6 7", file=sys.stderr)
         return FAILED

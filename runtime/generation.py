@@ -427,7 +427,8 @@ def run_beam_search(runner, state, config: GenerationConfig, stop_check, timer: 
         if not (improvable.any() and open_beam and not hits.all()):
             break
         began = time.perf_counter()
-        log_probs = runner.log_probs(runner.decode_step(state, running_sequences[:, :, cur_len - 1].reshape(-1), beam_idx))
+        hidden = runner.decode_step(state, running_sequences[:, :, cur_len - 1].reshape(-1), beam_idx)
+        log_probs = runner.log_probs(hidden, out=log_probs)  # this step's scores were read: their buffer is reused
 
     returned = config.num_return_sequences
     hypotheses = []

@@ -5,8 +5,9 @@ from __future__ import annotations
 import dataclasses
 import numbers
 import os
+import threading
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import onnxruntime as ort
@@ -16,7 +17,7 @@ from .generation import (GenerationConfig, Hypothesis, StepTimer, Vocabulary, ru
                          run_sampling, sample_tokens)
 from .manifest import OPTIONAL_ROLES, ROLES, Manifest, read_manifest
 from .runners import RUNNERS
-from .session import make_session, resolve_provider
+from .session import advise_random_access, make_session, resolve_provider
 
 OPTION_NAMES = ("max_new_tokens", "min_new_tokens", "eos_token_id", "pad_token_id", "stop_strings", "num_beams",
                 "length_penalty", "early_stopping", "num_return_sequences", "no_repeat_ngram_size",
@@ -33,9 +34,18 @@ class GenerationOutput:
 
     sequences: list[list[int]]  # generated ids only: no prompt, no start token, no padding; eos kept
     scores: list[float] | None  # beam score (length-penalised), or the summed log-probability when output_scores
-    texts: list[str] | None  # None when the export has no tokenizer
     token_scores: list[list[float]] | None = None  # per generated token log-probability (output_scores)
     metrics: dict[str, Any] = field(default_factory=dict)  # prefill and per-step seconds
+    decode: Callable[[Sequence[int]], str] | None = field(default=None, repr=False, compare=False)
+    _texts: list[str] | None = field(default=None, init=False, repr=False, compare=False)
+
+    @property
+    def texts(self) -> list[str] | None:
+        """The sequences as text, decoded on first read (a caller of ids only never loads the tokenizer); None
+        when the export has no tokenizer."""
+        if self._texts is None and self.decode is not None:
+            self._texts = [self.decode(s) for s in self.sequences]
+        return self._texts
 
 
 class Model:
@@ -59,6 +69,9 @@ class Model:
         self.sessions = {role: make_session(manifest.path(entry["files"][role]["path"]), provider, threads,
                                             session_options, prepacked_cache)
                          for role in roles}
+        if session_options is None and self.provider == "CPUExecutionProvider":  # packed weights: see the function
+            advise_random_access([manifest.path(item["path"]) for file in entry["files"].values()
+                                  for item in file.get("data", [])])
         self._check_io()
         self.runner = RUNNERS[self.kind](manifest, self.sessions, self.device)
         self.runner.threads = threads  # the host-side work (log-softmax over beams) uses as many threads
@@ -68,10 +81,22 @@ class Model:
         if self.restricted:
             self.runner.vocabulary = _restricted_vocabulary(manifest, entry, self.vocab_size)
             self.runner.screen_candidates = min(self.runner.screen_candidates, len(self.runner.vocabulary.ids) - 1)
-        self.tokenizer = _load_tokenizer(manifest)
+        self.has_tokenizer = _tokenizer_path(manifest) is not None
+        self._tokenizer = None
+        self._tokenizer_lock = threading.Lock()
         self.defaults = dict(LIBRARY_DEFAULTS)
         self.defaults.update({k: v for k, v in manifest.data.get("generation_defaults", {}).items()
                               if k in LIBRARY_DEFAULTS})
+
+    @property
+    def tokenizer(self):
+        """The export's `tokenizers.Tokenizer`, read on first use (250k-token vocabularies take ~110 MB and a second
+        to build, which a caller of token ids never needs); None when the export has none."""
+        if self._tokenizer is None and self.has_tokenizer:
+            with self._tokenizer_lock:
+                if self._tokenizer is None:
+                    self._tokenizer = _load_tokenizer(_tokenizer_path(self.manifest))
+        return self._tokenizer
 
     def _check_io(self) -> None:
         """The manifest's IO and cache shape against what each session really has; lists every mismatch."""
@@ -100,7 +125,7 @@ class Model:
     # ---- inputs ----
 
     def _encode_prompts(self, prompts: Sequence[str]) -> list[list[int]]:
-        if self.tokenizer is None:
+        if not self.has_tokenizer:
             raise GenerationInputError(
                 f"{self.manifest.folder} has no tokenizer.json (its checkpoint had none): "
                 "pass token ids with input_ids=[[...], ...] instead of text."
@@ -151,7 +176,7 @@ class Model:
                                        f"known: {', '.join(OPTION_NAMES)}")
         values = dict(self.defaults)
         values.update({k: v for k, v in options.items() if v is not None})
-        return _validated_config(values, self.tokens, self.vocab_size, self.tokenizer is not None)
+        return _validated_config(values, self.tokens, self.vocab_size, self.has_tokenizer)
 
     # ---- generation ----
 
@@ -163,8 +188,8 @@ class Model:
         if config.max_new_tokens == 0:
             count = len(rows) * config.num_return_sequences
             return GenerationOutput([[] for _ in range(count)], [0.0] * count if _scored(config) else None,
-                                    [""] * count if self.tokenizer else None,
-                                    [[] for _ in range(count)] if config.output_scores else None)
+                                    [[] for _ in range(count)] if config.output_scores else None,
+                                    decode=self.decode if self.has_tokenizer else None)
         expand = config.num_beams if config.num_beams > 1 else config.num_return_sequences
         ids, mask = self._batch(rows, config.pad_token_id)
         state = self.runner.begin(ids, mask, expand, config.max_new_tokens)
@@ -240,7 +265,7 @@ class Model:
     def stream(self, prompt: str | Sequence[int] | None = None, *, input_ids: Sequence[int] | None = None,
                **options) -> Iterator[str]:
         """Text pieces as they are produced, for one prompt (text or token ids); see stream_tokens()."""
-        if self.tokenizer is None:
+        if not self.has_tokenizer:
             raise GenerationInputError("stream() yields text and this export has no tokenizer; "
                                        "use stream_tokens() for the token ids.")
         tokens: list[int] = []
@@ -316,12 +341,11 @@ class Model:
 
     def _output(self, hypotheses: list[Hypothesis], config: GenerationConfig, timer: StepTimer) -> GenerationOutput:
         sequences = [h.tokens for h in hypotheses]
-        texts = [self.decode(s) for s in sequences] if self.tokenizer is not None else None
         token_scores = [h.token_scores for h in hypotheses] if config.output_scores else None
         scores = [h.score for h in hypotheses] if _scored(config) else None
         metrics = {"prefill_seconds": timer.prefill_seconds, "step_seconds": timer.step_seconds,
                    "screened_rows": timer.screened_rows, "full_rows": timer.full_rows}
-        return GenerationOutput(sequences, scores, texts, token_scores, metrics)
+        return GenerationOutput(sequences, scores, token_scores, metrics, self.decode if self.has_tokenizer else None)
 
 
 def _scored(config: GenerationConfig) -> bool:
@@ -411,13 +435,21 @@ def _clean_up_tokenization(text: str) -> str:
     return text
 
 
-def _load_tokenizer(manifest: Manifest):
+def _tokenizer_path(manifest: Manifest) -> str | None:
+    """The export's tokenizer file (checked to exist at load; read on first use), or None when it has none."""
     entry = manifest.data.get("tokenizer")
     if not entry:
         return None
+    path = manifest.path(entry["file"])
+    if not os.path.isfile(path):
+        raise ManifestError(f"{manifest.folder} is incomplete: its manifest names {entry['file']}, which is missing. "
+                            "Export it again (xmtf-onnx export MODEL OUTPUT --force).")
+    return path
+
+
+def _load_tokenizer(path: str):
     from tokenizers import Tokenizer
 
-    path = manifest.path(entry["file"])
     try:
         return Tokenizer.from_file(path)
     except Exception as e:

@@ -187,10 +187,17 @@ class Runner:
         caller may overwrite."""
         return self._head(hidden).numpy()
 
-    def log_probs(self, hidden: np.ndarray) -> np.ndarray:
-        """hidden [rows, d] -> log_softmax of the logits [rows, columns], a fresh buffer: the logits go from the head
-        to onnxruntime's LogSoftmax without a copy (beam search reads these)."""
-        return _run(self._own(log_softmax_model), "cpu", {}, {"logits": self._head(hidden)}, [], ["log_probs"])[0].numpy()
+    def log_probs(self, hidden: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """hidden [rows, d] -> log_softmax of the logits [rows, columns]: the logits go from the head to onnxruntime's
+        LogSoftmax without a copy, which writes into `out` when it is a float32 C-contiguous array of that shape (beam
+        search passes the previous step's, done with: no [rows, vocab] array made and copied per step), else into a
+        fresh array."""
+        logits = self._head(hidden)
+        if out is None or out.shape != tuple(logits.shape()) or out.dtype != np.float32 or not out.flags.c_contiguous:
+            out = np.empty(logits.shape(), np.float32)
+        _run(self._own(log_softmax_model), "cpu", {}, {"logits": logits}, [], [],
+             {"log_probs": ort.OrtValue.ortvalue_from_numpy(out)})
+        return out
 
     def top_k(self, scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """The k largest of each row of scores [rows, columns] float32, largest first, ties in column order ->

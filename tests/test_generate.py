@@ -341,3 +341,19 @@ def test_log_softmax_graph_is_valid_onnx_and_matches_numpy():
     logits = np.random.default_rng(0).normal(0, 8, (5, 3001)).astype(np.float32)
     got = small_session(log_softmax_model(), 2).run(None, {"logits": logits})[0]
     np.testing.assert_allclose(got, log_softmax_inplace(logits.copy(), threads=1), atol=2e-5)
+
+
+def test_log_probs_written_into_the_buffer_given(family):
+    """Beam search hands the runner its previous step's scores to write into: the same values as a fresh array,
+    in that very buffer; a buffer of another shape is not used."""
+    model = load(family["export"])
+    hidden = np.random.default_rng(1).standard_normal((3, model.runner.sessions["head"].get_inputs()[0].shape[-1]))
+    hidden = hidden.astype(np.float32)
+    fresh = model.runner.log_probs(hidden)
+    buffer = np.full_like(fresh, np.nan)
+    assert model.runner.log_probs(hidden, out=buffer) is buffer
+    np.testing.assert_array_equal(buffer, fresh)
+    other = np.zeros((2, fresh.shape[1]), np.float32)
+    got = model.runner.log_probs(hidden, out=other)
+    assert got is not other and not other.any()
+    np.testing.assert_array_equal(got, fresh)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -112,6 +113,45 @@ def test_corrupted_and_missing_files(copy_of):
     data_file.unlink()
     with pytest.raises(ManifestError, match="missing"):
         load(copy_of)
+
+
+def test_tokenizer_read_on_first_text_use(copy_of):
+    """Token ids in and out never read tokenizer.json (a 250k vocabulary is ~110 MB); text reads it once, and a
+    broken one is a typed error then; a missing one is refused at load."""
+    model = load(copy_of)
+    out = model.generate(input_ids=[[5, 6, 7]], max_new_tokens=3)
+    assert model._tokenizer is None and out.sequences[0]
+    assert out.texts == [model.decode(out.sequences[0])] and model._tokenizer is not None
+    (copy_of / "tokenizer.json").write_text("{not json")
+    with pytest.raises(ManifestError, match="cannot be read by tokenizers"):
+        load(copy_of, verify=False).generate("Hello", max_new_tokens=2)
+    (copy_of / "tokenizer.json").unlink()
+    with pytest.raises(ManifestError, match="tokenizer.json, which is missing"):
+        load(copy_of, verify=False)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="madvise hints are Linux-only")
+def test_weight_files_mapped_for_random_reads(mt5_export):
+    """After load, the graphs' external data that onnxruntime left memory-mapped (the embedding's rows) is marked
+    random-read, so a row read does not pull its neighbours into memory (a fresh process: no other loads)."""
+    script = textwrap.dedent(f"""
+        import os
+        from xmtf_onnx.runtime import load
+        model = load({str(mt5_export)!r})
+        model.generate(input_ids=[[5, 6, 7]], max_new_tokens=2)
+        data = {{os.path.realpath(model.manifest.path(item["path"])) for file in
+                model.manifest.variant(model.variant)["files"].values() for item in file.get("data", [])}}
+        current = None
+        for line in open("/proc/self/smaps", encoding="utf-8"):
+            fields = line.split()
+            if fields and not fields[0].endswith(":"):  # a mapping's first line: range, permissions, ... [path]
+                current = fields[5] if len(fields) >= 6 else None
+            elif line.startswith("VmFlags") and current in data:
+                print(current, "rr" in fields[1:])
+    """)
+    lines = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout.split("\n")
+    mapped = [line.split() for line in lines if line]
+    assert mapped and all(flag == "True" for _, flag in mapped)
 
 
 def test_manifest_checked_against_sessions(copy_of):

@@ -96,6 +96,7 @@ class Server:
 
         try:
             self.model = load(self.folder, provider=self.provider, threads=self.threads, variant=self.variant)
+            self.model.tokenizer  # read now, not on the first text request (and a broken one fails the load)
             self.engine = Engine(self.model, self.limits.max_batch_size, self.limits.max_queue, self.metrics,
                                  self.limits.max_prefill_tokens, padded=self.limits.batching == "padded")
             self.engine.start()
@@ -225,7 +226,7 @@ class Server:
         stop = (stop,) if isinstance(stop, str) else tuple(stop or ())
         if len(stop) > 4 or any(not isinstance(s, str) or not s for s in stop):
             raise BadRequest("stop must be a non-empty string or a list of at most 4 of them")
-        if stop and self.model.tokenizer is None:
+        if stop and not self.model.has_tokenizer:
             raise BadRequest("stop needs a tokenizer and this export has none")
         logprobs = body.get("logprobs")
         if logprobs is not None and (not _integer(logprobs) or not 0 <= logprobs <= 1):
@@ -249,7 +250,7 @@ class Server:
         else:
             texts = None
         if texts is not None:
-            if self.model.tokenizer is None:
+            if not self.model.has_tokenizer:
                 raise BadRequest("this export has no tokenizer: give the prompt as token ids")
             if any(not t for t in texts):
                 raise BadRequest("a prompt is empty; give it some text")
@@ -337,7 +338,7 @@ class Server:
                 self.metrics.requests.labels("cancelled").inc()
 
     def _text(self, job: Request, index: int) -> str:
-        if self.model.tokenizer is None:
+        if not self.model.has_tokenizer:
             return ""
         text = self.model.decode(job.tokens[index])
         cut = min((text.find(s) for s in job.stop if s in text), default=-1)

@@ -303,7 +303,7 @@ class Engine:
         tokens = request.tokens[index]
         if tokens[-1] in self.eos:
             return "stop"
-        if request.stop and self.model.tokenizer is not None:
+        if request.stop and self.model.has_tokenizer:
             text = self.model.decode(tokens)
             if any(stop in text for stop in request.stop):
                 return "stop"
