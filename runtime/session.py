@@ -122,11 +122,13 @@ def make_session(path: str, provider: str = "cpu", threads: int | None = None,
 
 def advise_random_access(paths: list[str]) -> None:
     """Tell the kernel that this process's mappings of the files `paths` (weights onnxruntime memory-maps from a
-    graph's external data) are read at random. After loading, what is left mapped is read row by row (an
-    embedding's Gather, the greedy screen's exact rows): without the hint each fault reads ahead 128 KB or more
-    around the row, and within a few hundred tokens the whole table is resident (mt0-small int4-weight: 74 of
-    80 MB of embeddings.bin, 70 MB of peak RSS). Weights onnxruntime packed into its own copy are not affected.
-    Linux only; elsewhere, or if anything fails, nothing is changed (it is a hint)."""
+    graph's external data) are read at random, and drop their cached pages that no process has mapped. After
+    loading, what is left mapped is read row by row (an embedding's Gather, the greedy screen's exact rows); the
+    page cache holds those files in large folios (loading and the sha256 check read them in sequence), and a row
+    read maps its whole folio: within a few hundred tokens the whole table was resident (mt0-small int4-weight:
+    74 of 80 MB of embeddings.bin, 70 MB of peak RSS). With the hint and the drop, a row read brings in its page.
+    Weights onnxruntime packed into its own copy are not affected. Linux only; elsewhere, or if anything fails,
+    nothing is changed (it is advice)."""
     if not sys.platform.startswith("linux"):
         return
     try:
