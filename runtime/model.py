@@ -81,22 +81,18 @@ class Model:
         if self.restricted:
             self.runner.vocabulary = _restricted_vocabulary(manifest, entry, self.vocab_size)
             self.runner.screen_candidates = min(self.runner.screen_candidates, len(self.runner.vocabulary.ids) - 1)
-        self.has_tokenizer = _tokenizer_path(manifest) is not None
-        self._tokenizer = None
-        self._tokenizer_lock = threading.Lock()
+        path = _tokenizer_path(manifest)
+        self._text = None if path is None else _Text(path, bool((manifest.data.get("tokenizer") or {})
+                                                                .get("clean_up_tokenization_spaces")))
+        self.has_tokenizer = self._text is not None
         self.defaults = dict(LIBRARY_DEFAULTS)
         self.defaults.update({k: v for k, v in manifest.data.get("generation_defaults", {}).items()
                               if k in LIBRARY_DEFAULTS})
 
     @property
     def tokenizer(self):
-        """The export's `tokenizers.Tokenizer`, read on first use (250k-token vocabularies take ~110 MB and a second
-        to build, which a caller of token ids never needs); None when the export has none."""
-        if self._tokenizer is None and self.has_tokenizer:
-            with self._tokenizer_lock:
-                if self._tokenizer is None:
-                    self._tokenizer = _load_tokenizer(_tokenizer_path(self.manifest))
-        return self._tokenizer
+        """The export's `tokenizers.Tokenizer`, read on first use (see _Text); None when the export has none."""
+        return None if self._text is None else self._text.tokenizer
 
     def _check_io(self) -> None:
         """The manifest's IO and cache shape against what each session really has; lists every mismatch."""
@@ -189,7 +185,7 @@ class Model:
             count = len(rows) * config.num_return_sequences
             return GenerationOutput([[] for _ in range(count)], [0.0] * count if _scored(config) else None,
                                     [[] for _ in range(count)] if config.output_scores else None,
-                                    decode=self.decode if self.has_tokenizer else None)
+                                    decode=self._text and self._text.decode)
         expand = config.num_beams if config.num_beams > 1 else config.num_return_sequences
         ids, mask = self._batch(rows, config.pad_token_id)
         state = self.runner.begin(ids, mask, expand, config.max_new_tokens)
@@ -313,10 +309,9 @@ class Model:
 
     def decode(self, tokens: Sequence[int]) -> str:
         """transformers' decode(tokens, skip_special_tokens=True) for this export's tokenizer."""
-        text = self.tokenizer.decode(list(tokens), skip_special_tokens=True)
-        if (self.manifest.data.get("tokenizer") or {}).get("clean_up_tokenization_spaces"):
-            text = _clean_up_tokenization(text)
-        return text
+        if self._text is None:
+            raise GenerationInputError(f"{self.manifest.folder} has no tokenizer.json: there is no text to decode to")
+        return self._text.decode(tokens)
 
     def _inputs(self, prompts, input_ids) -> list[list[int]]:
         if (prompts is None) == (input_ids is None):
@@ -345,7 +340,7 @@ class Model:
         scores = [h.score for h in hypotheses] if _scored(config) else None
         metrics = {"prefill_seconds": timer.prefill_seconds, "step_seconds": timer.step_seconds,
                    "screened_rows": timer.screened_rows, "full_rows": timer.full_rows}
-        return GenerationOutput(sequences, scores, token_scores, metrics, self.decode if self.has_tokenizer else None)
+        return GenerationOutput(sequences, scores, token_scores, metrics, self._text and self._text.decode)
 
 
 def _scored(config: GenerationConfig) -> bool:
@@ -447,13 +442,34 @@ def _tokenizer_path(manifest: Manifest) -> str | None:
     return path
 
 
-def _load_tokenizer(path: str):
-    from tokenizers import Tokenizer
+class _Text:
+    """The export's tokenizer, read on first use: a 250k-piece vocabulary takes ~110 MB and a second to build,
+    which a caller of token ids never needs. Outputs decode their texts through this object, not the model, so an
+    output kept does not keep the model's sessions alive."""
 
-    try:
-        return Tokenizer.from_file(path)
-    except Exception as e:
-        raise ManifestError(f"{path} cannot be read by tokenizers ({e}); export the model again.") from e
+    def __init__(self, path: str, clean_up: bool):
+        self.path, self.clean_up = path, clean_up
+        self._tokenizer = None
+        self._lock = threading.Lock()
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            with self._lock:
+                if self._tokenizer is None:
+                    from tokenizers import Tokenizer
+
+                    try:
+                        self._tokenizer = Tokenizer.from_file(self.path)
+                    except Exception as e:
+                        raise ManifestError(f"{self.path} cannot be read by tokenizers ({e}); export the model "
+                                            "again.") from e
+        return self._tokenizer
+
+    def decode(self, tokens: Sequence[int]) -> str:
+        """transformers' decode(tokens, skip_special_tokens=True)."""
+        text = self.tokenizer.decode(list(tokens), skip_special_tokens=True)
+        return _clean_up_tokenization(text) if self.clean_up else text
 
 
 def load(folder: str | os.PathLike, provider: str = "cpu", threads: int | None = None, variant: str | None = None,

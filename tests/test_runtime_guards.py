@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import shutil
 import subprocess
 import sys
 import textwrap
+import weakref
 
 import pytest
 
@@ -120,8 +122,12 @@ def test_tokenizer_read_on_first_text_use(copy_of):
     broken one is a typed error then; a missing one is refused at load."""
     model = load(copy_of)
     out = model.generate(input_ids=[[5, 6, 7]], max_new_tokens=3)
-    assert model._tokenizer is None and out.sequences[0]
-    assert out.texts == [model.decode(out.sequences[0])] and model._tokenizer is not None
+    assert model._text._tokenizer is None and out.sequences[0]
+    assert out.texts == [model.decode(out.sequences[0])] and model._text._tokenizer is not None
+    reference = weakref.ref(model)
+    del model
+    gc.collect()
+    assert reference() is None and out.texts  # an output kept does not keep the model alive
     (copy_of / "tokenizer.json").write_text("{not json")
     with pytest.raises(ManifestError, match="cannot be read by tokenizers"):
         load(copy_of, verify=False).generate("Hello", max_new_tokens=2)
