@@ -81,13 +81,14 @@ class Model:
         if self.restricted:
             self.runner.vocabulary = _restricted_vocabulary(manifest, entry, self.vocab_size)
             self.runner.screen_candidates = min(self.runner.screen_candidates, len(self.runner.vocabulary.ids) - 1)
-        path = _tokenizer_path(manifest)
-        self._text = None if path is None else _Text(path, bool((manifest.data.get("tokenizer") or {})
-                                                                .get("clean_up_tokenization_spaces")))
-        self.has_tokenizer = self._text is not None
+        self._text = _Text.of(manifest)
         self.defaults = dict(LIBRARY_DEFAULTS)
         self.defaults.update({k: v for k, v in manifest.data.get("generation_defaults", {}).items()
                               if k in LIBRARY_DEFAULTS})
+
+    @property
+    def has_tokenizer(self) -> bool:
+        return self._text is not None
 
     @property
     def tokenizer(self):
@@ -430,18 +431,6 @@ def _clean_up_tokenization(text: str) -> str:
     return text
 
 
-def _tokenizer_path(manifest: Manifest) -> str | None:
-    """The export's tokenizer file (checked to exist at load; read on first use), or None when it has none."""
-    entry = manifest.data.get("tokenizer")
-    if not entry:
-        return None
-    path = manifest.path(entry["file"])
-    if not os.path.isfile(path):
-        raise ManifestError(f"{manifest.folder} is incomplete: its manifest names {entry['file']}, which is missing. "
-                            "Export it again (xmtf-onnx export MODEL OUTPUT --force).")
-    return path
-
-
 class _Text:
     """The export's tokenizer, read on first use: a 250k-piece vocabulary takes ~110 MB and a second to build,
     which a caller of token ids never needs. Outputs decode their texts through this object, not the model, so an
@@ -451,6 +440,18 @@ class _Text:
         self.path, self.clean_up = path, clean_up
         self._tokenizer = None
         self._lock = threading.Lock()
+
+    @classmethod
+    def of(cls, manifest: Manifest) -> "_Text | None":
+        """The export's tokenizer (its file checked to exist now, read on first use), or None when it has none."""
+        entry = manifest.data.get("tokenizer")
+        if not entry:
+            return None
+        path = manifest.path(entry["file"])
+        if not os.path.isfile(path):
+            raise ManifestError(f"{manifest.folder} is incomplete: its manifest names {entry['file']}, which is "
+                                "missing. Export it again (xmtf-onnx export MODEL OUTPUT --force).")
+        return cls(path, bool(entry.get("clean_up_tokenization_spaces")))
 
     @property
     def tokenizer(self):
