@@ -20,7 +20,7 @@ class XmtfBackend:
     def __init__(self, spec: dict):
         from xmtf_onnx.runtime import load
 
-        self.model = load(spec["export_dir"], provider=spec["provider"], threads=spec["threads"],
+        self.model = load(spec["export_dir"], provider=spec["provider"], threads=spec.get("xmtf_threads"),
                           variant=spec["variant"], verify=False)
         entry = self.model.manifest.variant(spec["variant"])
         # Files shared by several graphs (mT0's embedding) count once.

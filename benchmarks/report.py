@@ -23,11 +23,25 @@ def _precision(name: str) -> str:
     return "4-bit" if {"int4", "q4_0"} & set(words) else "8-bit"
 
 
+def _threads(report: dict, short: bool = False) -> str:
+    """The threads each backend had: all the same, or the rivals one per core and xmtf its machine's policy."""
+    policy = report.get("thread_policy")
+    if report.get("xmtf_threads") or "xmtf_threads" not in report or not policy:
+        return f"{report['threads']} threads"
+    if short:
+        return f"{report['threads']} threads, xmtf: {policy['name']}"
+    measured = policy.get("ms_per_step")
+    how = (f"measured {policy.get('measured_at', '')}: " + ", ".join(f"{k} {v:.2f}" for k, v in measured.items())
+           + " ms per synthetic step") if measured else policy.get("source", "")
+    return (f"rivals {report['threads']} threads, xmtf its machine's thread policy {policy['name']} "
+            f"({policy['summary']}; {how})")
+
+
 def markdown(report: dict) -> str:
     machine = report["machine"]
     lines = [f"# xmtf-onnx benchmark ({report['created']})", "",
              f"Machine: {machine.get('cpu', '?')}, {machine.get('cores')} cores; provider {report['provider']}, "
-             f"{report['threads']} threads; checkpoint {report.get('checkpoint_dtype', 'float32')}; "
+             f"{_threads(report)}; checkpoint {report.get('checkpoint_dtype', 'float32')}; "
              f"{report['new_tokens']} new tokens forced (min = max); prompts of "
              f"{report['prompt_tokens']} tokens; {report['repeats']} rounds, backends interleaved (A B C A B C), each run "
              f"after {report['warmup']} warm-up in its process: tok/s is the median round (best round in brackets); "
@@ -159,7 +173,7 @@ def plots(report: dict, folder: str) -> list[str]:
         print("matplotlib is not installed (bench extra): no plots", file=sys.stderr)
         return []
     machine = report["machine"]
-    where = (f"{machine.get('cpu', '?')}, {machine.get('cores')} cores, {report['threads']} threads, "
+    where = (f"{machine.get('cpu', '?')}, {machine.get('cores')} cores, {_threads(report, short=True)}, "
              f"{report['provider']}; {report['new_tokens']} new tokens, median of {report['repeats']} rounds")
     models = list(report["models"])
     written = []

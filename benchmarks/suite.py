@@ -59,7 +59,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int,
                         help="rounds: every backend runs each setting once per round (warm-up first), rounds "
                              "interleaved A B C A B C; tables give the median and the best round")
-    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="threads for every backend")
+    parser.add_argument("--threads", type=int,
+                        help="threads for every backend (default: the rivals one per core; xmtf its machine's thread "
+                             "policy, as load() gives a user: see xmtf-onnx tune)")
     parser.add_argument("--provider", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--quantize", default="int8", help="xmtf variants to add to each export ('' for none)")
     parser.add_argument("--restrict", default="", metavar="ROWS",
@@ -337,7 +339,7 @@ def run_job(job: dict, settings: dict, args: argparse.Namespace, repeats: int | 
     if job.get("prepare_error"):
         return {"name": job["name"], "status": "failed", "error": job["prepare_error"], "settings": {}}
     spec = dict(job, settings=settings, new_tokens=args.new_tokens, repeats=repeats or args.repeats, warmup=1,
-                threads=args.threads, provider=args.provider)
+                threads=args.threads or os.cpu_count(), xmtf_threads=args.threads, provider=args.provider)
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as handle:
         json.dump(spec, handle)
     try:
@@ -403,15 +405,24 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(args.work_dir, exist_ok=True)
     os.makedirs(args.out, exist_ok=True)
     report = {"created": time.strftime("%Y-%m-%d %H:%M:%S"), "command": "xmtf-onnx bench " + " ".join(argv or []),
-              "machine": machine(), "versions": versions(), "provider": args.provider, "threads": args.threads,
+              "machine": machine(), "versions": versions(), "provider": args.provider,
+              "threads": args.threads or os.cpu_count(), "xmtf_threads": args.threads,
               "new_tokens": args.new_tokens, "prompt_tokens": args.prompt_tokens, "repeats": args.repeats,
               "checkpoint_dtype": "bfloat16" if args.quick else "float32 (bfloat16 from 2B parameters)",
               "warmup": 1, "models": {}}
     progress = not args.no_progress
     from .large import read_bandwidth
 
-    report["read_bandwidth_bytes_per_second"] = read_bandwidth(threads=args.threads)
-    _log(f"memory read bandwidth ({args.threads} threads): {report['read_bandwidth_bytes_per_second'] / 1e9:.1f} GB/s")
+    report["read_bandwidth_bytes_per_second"] = read_bandwidth(threads=report["threads"])
+    _log(f"memory read bandwidth ({report['threads']} threads): "
+         f"{report['read_bandwidth_bytes_per_second'] / 1e9:.1f} GB/s")
+    if args.provider == "cpu":  # measured here once, not in the first worker's timed load
+        from xmtf_onnx.runtime.tuning import policy_and_record
+
+        policy, record = policy_and_record(progress=_log)
+        report["thread_policy"] = {"name": policy.name, "summary": policy.summary, **record}
+        _log(f"xmtf thread policy: {policy.name} ({record['source']}"
+             + (f"; ms per synthetic step: {record['ms_per_step']}" if "ms_per_step" in record else "") + ")")
     for model in args.models:
         # A preset name, or a checkpoint folder (the tests use tiny ones)
         model_name = os.path.basename(os.path.normpath(model)) if os.path.isdir(model) else model
@@ -453,7 +464,7 @@ def main(argv: list[str] | None = None) -> int:
             add_restricted(export_dir, [int(r) for r in args.restrict.split(",") if r], vocab, work)
             manifest = read_manifest(export_dir)
         rivals = prepare_rivals(checkpoint, work, args.backends, manifest.kind == "seq2seq",
-                                args.quantized_rivals_only, args.llama_cpp, args.threads)
+                                args.quantized_rivals_only, args.llama_cpp, report["threads"])
         settings = {}
         for index, setting in enumerate(args.settings):
             batch, beams = map(int, setting.split("x"))

@@ -1,4 +1,4 @@
-"""The `xmtf-onnx` command: export, quantize, restrict, generate, serve, bench."""
+"""The `xmtf-onnx` command: export, quantize, restrict, generate, serve, bench, tune."""
 
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ examples:
   xmtf-onnx generate exported/mt0-small "Translate to English: Je t'aime."
   xmtf-onnx generate exported/mt0-small --ids 250 3 17 --max-new-tokens 8
   xmtf-onnx bench --quick                                        # the benchmark suite, offline
+  xmtf-onnx tune                                                 # this machine's thread policy (measured once)
 """
 
 
@@ -222,6 +223,34 @@ def _bench(args: argparse.Namespace) -> int:
     return bench_main(_forwarded(args))
 
 
+def _tune(args: argparse.Namespace) -> int:
+    from .tuning import ENV_POLICY, MARGIN, POLICIES, policy_and_record
+
+    def progress(message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
+    policy, record = policy_and_record(refresh=args.refresh, progress=progress)
+    if args.json:
+        print(json.dumps({"policy": policy.name, **record}, indent=1))
+        return 0
+    machine = record.get("machine", {})
+    print(f"thread policy: {policy.name} ({policy.summary})")
+    print(f"  chosen by: {record['source']}" + (f" ({record['setting']})" if "setting" in record else "")
+          + (f", {record['measured_at']}" if "measured_at" in record else ""))
+    if machine:
+        print(f"  machine: {machine.get('cpu')}, {machine.get('cores')} usable cores, onnxruntime "
+              f"{machine.get('onnxruntime')}")
+    for name, ms in record.get("ms_per_step", {}).items():
+        print(f"  {name:15s} {ms:7.2f} ms per synthetic step{'  <- chosen' if name == policy.name else ''}")
+    if "ms_per_step" in record:
+        print(f"  (the first policy is kept unless another is at least {MARGIN:.0%} faster)")
+    for key in ("file", "note"):
+        if key in record:
+            print(f"  {key}: {record[key]}")
+    print(f"  force one: {ENV_POLICY}=" + "|".join(p.name for p in POLICIES) + " (or fixed, never measured)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="xmtf-onnx", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
@@ -390,6 +419,19 @@ def build_parser() -> argparse.ArgumentParser:
                                 add_help=False)
     bench.add_argument("bench_args", nargs=argparse.REMAINDER)
     bench.set_defaults(handler=_bench)
+    tune = commands.add_parser(
+        "tune", help="this machine's thread policy for CPU sessions: measured once, used by every load()",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Show the thread policy load() uses on this machine, measuring it first if no cached choice "
+                    "exists (a few seconds: a synthetic decode step under each policy, interleaved). How threads spin "
+                    "between a decode step's sessions decides speed on small models, and the best policy depends on "
+                    "the machine (on a 2-core AMD EPYC guest, pools left spinning halved mt0-small's tokens/s).",
+        epilog="environment: XMTF_ONNX_THREAD_POLICY=auto (default) | fixed | a policy's name; XMTF_ONNX_CACHE="
+               "the cache folder (default ~/.cache/xmtf-onnx).\nexample:\n  xmtf-onnx tune --refresh   "
+               "# measure again (after moving the cache to another machine kind, or a busy first measurement)")
+    tune.add_argument("--refresh", action="store_true", help="measure again and rewrite the cached choice")
+    tune.add_argument("--json", action="store_true", help="print the record as JSON")
+    tune.set_defaults(handler=_tune)
     loadtest = commands.add_parser("loadtest", help="concurrent clients against a running xmtf-onnx serve",
                                    description="`xmtf-onnx loadtest --help` lists its options.", add_help=False)
     loadtest.add_argument("bench_args", nargs=argparse.REMAINDER)

@@ -17,6 +17,10 @@ class ProviderUnavailableError(XmtfError, ValueError):
     """The requested onnxruntime execution provider is not installed or not known."""
 
 
+class ConfigurationError(XmtfError, ValueError):
+    """An environment setting of the runtime's (XMTF_ONNX_*) has a value it does not know."""
+
+
 class GenerationInputError(XmtfError, ValueError):
     """A prompt, token id or generation option is out of range."""
 

@@ -18,6 +18,7 @@ from .generation import (GenerationConfig, Hypothesis, StepTimer, Vocabulary, ru
 from .manifest import OPTIONAL_ROLES, ROLES, Manifest, read_manifest
 from .runners import RUNNERS
 from .session import advise_random_access, make_session, resolve_provider
+from .tuning import DEFAULT as DEFAULT_POLICY, machine_policy
 
 OPTION_NAMES = ("max_new_tokens", "min_new_tokens", "eos_token_id", "pad_token_id", "stop_strings", "num_beams",
                 "length_penalty", "early_stopping", "num_return_sequences", "no_repeat_ngram_size",
@@ -66,15 +67,20 @@ class Model:
                                 "export the model again.")
         optional = [role for role in OPTIONAL_ROLES if role in entry["files"] and (greedy_screen or role != "screen")]
         roles = [*ROLES[self.kind], *optional]
+        # How the CPU sessions' threads spin, and how many there are when `threads` is None: measured once per
+        # machine (tuning.py); caller-made session options and GPU sessions keep the built-in default.
+        on_cpu = self.provider == "CPUExecutionProvider"
+        self.thread_policy = machine_policy() if session_options is None and on_cpu else DEFAULT_POLICY
         self.sessions = {role: make_session(manifest.path(entry["files"][role]["path"]), provider, threads,
-                                            session_options, prepacked_cache)
+                                            session_options, prepacked_cache, self.thread_policy)
                          for role in roles}
-        if session_options is None and self.provider == "CPUExecutionProvider":  # packed weights: see the function
+        if session_options is None and on_cpu:  # packed weights: see the function
             advise_random_access([manifest.path(item["path"]) for file in entry["files"].values()
                                   for item in file.get("data", [])])
         self._check_io()
         self.runner = RUNNERS[self.kind](manifest, self.sessions, self.device)
         self.runner.threads = threads  # the host-side work (log-softmax over beams) uses as many threads
+        self.runner.policy = self.thread_policy
         self.tokens = manifest.tokens
         self.vocab_size = int(self.tokens["vocab_size"])
         self.restricted = entry.get("restricted")  # None, or what `xmtf-onnx restrict` recorded (base, rows, coverage)
@@ -476,8 +482,8 @@ class _Text:
 def load(folder: str | os.PathLike, provider: str = "cpu", threads: int | None = None, variant: str | None = None,
          session_options: ort.SessionOptions | None = None, verify: bool = True,
          greedy_screen: bool = True, prepacked_cache: str | os.PathLike | None = None) -> Model:
-    """Load an exported folder. provider: 'cpu' or 'cuda'; threads: intra-op threads (None: onnxruntime's
-    default); variant: a variant the folder holds (None: the manifest's default_variant, fp32 when the
+    """Load an exported folder. provider: 'cpu' or 'cuda'; threads: intra-op threads (None: the machine's thread
+    policy, measured on the first load on a machine and cached: see xmtf_onnx.runtime.tuning); variant: a variant the folder holds (None: the manifest's default_variant, fp32 when the
     folder has it); verify: check every file's sha256;
     greedy_screen: pick greedy tokens through the screen where the variant has one (exact; off: always the
     full logits, for comparison); prepacked_cache: a folder where onnxruntime's packed CPU weights are saved on

@@ -21,6 +21,7 @@ import onnxruntime as ort
 from .errors import InferenceError
 from .manifest import Manifest
 from .session import log_softmax_model, small_session, top_k_model
+from .tuning import DEFAULT as DEFAULT_POLICY
 
 
 @dataclass
@@ -78,7 +79,8 @@ class Runner:
                                                           cache["present_value"].format(layer=i))]
         vocab = int(manifest.tokens["vocab_size"])
         self.vocabulary = None  # a restricted variant's Vocabulary: which token each logit column is (Model sets it)
-        self.threads: int | None = None  # the model's threads (None: onnxruntime's default, one per core)
+        self.threads: int | None = None  # the model's threads (None: the policy's)
+        self.policy = DEFAULT_POLICY  # the model's thread policy (Model sets it)
         self.screen_candidates = max(1, min(int(manifest.data.get("greedy_screen", {}).get("default_candidates", 128)),
                                             vocab - 1))
 
@@ -213,7 +215,7 @@ class Runner:
         """The session of one of the runtime's own one-node models (session.py), made on first use with the model's
         threads (set after the runner)."""
         if model not in self._own_sessions:
-            self._own_sessions[model] = small_session(model(), self.threads)
+            self._own_sessions[model] = small_session(model(), self.threads, self.policy)
         return self._own_sessions[model]
 
     @property

@@ -11,9 +11,11 @@ import sys
 import tempfile
 import warnings
 
+import numpy as np
 import onnxruntime as ort
 
 from .errors import ManifestError, ProviderUnavailableError
+from .tuning import DEFAULT, ThreadPolicy
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
@@ -34,19 +36,16 @@ def resolve_provider(provider: str) -> str:
     return name
 
 
-def default_options() -> ort.SessionOptions:
-    """The options every session gets unless the caller passes its own."""
+def default_options(policy: ThreadPolicy = DEFAULT) -> ort.SessionOptions:
+    """The options every session gets unless the caller passes its own; `policy` sets how its threads spin
+    (tuning.py: measured once per machine; the default stops spinning when a run ends)."""
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3
     # Memory patterns pay off for fixed shapes; here every decode step has a new one (the cache grows),
     # and the per-shape blocks cost 0.3 GB of peak memory at 8x4 beams on bloomz-560m.
     options.enable_mem_pattern = False
-    # A model runs several sessions one after another (decoder, head, screen), each with its own pool.
-    # Spinning keeps the decoder's ~200 small ops from waiting for their threads to wake; stopping it when
-    # a run ends keeps an idle pool from taking the cores of the next session (measured on 2 cores:
-    # mt0-small fp32 greedy 63 tokens/s with pools left spinning, 116 with spinning stopped).
-    options.add_session_config_entry("session.force_spinning_stop", "1")
+    policy.configure(options)
     return options
 
 
@@ -96,17 +95,20 @@ def _cpu_flags() -> str:
 
 
 def make_session(path: str, provider: str = "cpu", threads: int | None = None,
-                 options: ort.SessionOptions | None = None, prepacked_cache: str | None = None) -> ort.InferenceSession:
-    """An InferenceSession on one provider, full graph optimizations, `threads` intra-op threads. Given `options`
-    are used as they are (but for `threads`). prepacked_cache: a folder where the CPU provider's packed weights
-    are saved once and memory-mapped from then on (see prepacked_graph)."""
+                 options: ort.SessionOptions | None = None, prepacked_cache: str | None = None,
+                 policy: ThreadPolicy = DEFAULT) -> ort.InferenceSession:
+    """An InferenceSession on one provider, full graph optimizations, `threads` intra-op threads (None: the policy's).
+    Given `options` are used as they are (but for `threads`); without them, `policy` sets the threads' spinning.
+    prepacked_cache: a folder where the CPU provider's packed weights are saved once and memory-mapped from then on
+    (see prepacked_graph)."""
     provider_name = resolve_provider(provider)
     if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
         raise ProviderUnavailableError(f"threads must be a positive integer, not {threads!r}")
     if prepacked_cache is not None and provider_name == "CPUExecutionProvider" and options is None:
         path = prepacked_graph(path, os.fspath(prepacked_cache))
     if options is None:
-        options = default_options()
+        options = default_options(policy)
+        threads = policy.threads if threads is None else threads
     _set_threads(options, threads)
     providers = [provider_name] if provider_name == "CPUExecutionProvider" else [provider_name,
                                                                                  "CPUExecutionProvider"]
@@ -176,12 +178,14 @@ def _field(number: int, value: int | str | bytes) -> bytes:
 FLOAT, INT64 = 1, 7  # onnx.TensorProto's element types
 
 
-def one_node_model(op_type: str, inputs: list[tuple[str, int]], outputs: list[tuple[str, int]],
-                   attributes: dict[str, int]) -> bytes:
-    """An ONNX model (opset 17) of one node over 2-D tensors [rows, columns] (1-D [count] for int64 inputs), with
-    integer attributes. Serialized here, field by field of onnx.proto (ModelProto 1 ir_version, 7 graph,
-    8 opset_import; GraphProto 1 node, 2 name, 11 input, 12 output; NodeProto 1 input, 2 output, 4 op_type,
-    5 attribute; AttributeProto 1 name, 3 i, 20 type = INT (2); ValueInfoProto 1 name, 2 type; TypeProto
+def small_model(nodes: list[tuple[str, list[str], list[str], dict[str, int]]], inputs: list[tuple[str, int]],
+                outputs: list[tuple[str, int]], initializers: dict[str, np.ndarray] | None = None,
+                name: str = "small") -> bytes:
+    """An ONNX model (opset 17) of `nodes` (op type, inputs, outputs, integer attributes) over 2-D tensors
+    [rows, columns] (1-D [count] for int64 inputs), with float32 `initializers`. Serialized here, field by field of
+    onnx.proto (ModelProto 1 ir_version, 7 graph, 8 opset_import; GraphProto 1 node, 2 name, 5 initializer,
+    11 input, 12 output; NodeProto 1 input, 2 output, 4 op_type, 5 attribute; AttributeProto 1 name, 3 i, 20 type
+    = INT (2); TensorProto 1 dims, 2 data_type, 8 name, 9 raw_data; ValueInfoProto 1 name, 2 type; TypeProto
     1 tensor_type; TypeProto.Tensor 1 elem_type, 2 shape; TensorShapeProto 1 dim; Dimension 2 dim_param),
     because the runtime does not depend on the onnx package."""
     def value(name: str, elem_type: int, io: str) -> bytes:
@@ -189,13 +193,28 @@ def one_node_model(op_type: str, inputs: list[tuple[str, int]], outputs: list[tu
         shape = b"".join(_field(1, _field(2, axis)) for axis in axes)
         return _field(1, name) + _field(2, _field(1, _field(1, elem_type) + _field(2, shape)))
 
-    node = b"".join(_field(1, name) for name, _ in inputs) + b"".join(_field(2, name) for name, _ in outputs)
-    node += _field(4, op_type) + b"".join(_field(5, _field(1, k) + _field(3, v) + _field(20, 2))
-                                          for k, v in attributes.items())
-    graph = _field(1, node) + _field(2, op_type.lower())
-    graph += b"".join(_field(11, value(n, t, "input")) for n, t in inputs)
-    graph += b"".join(_field(12, value(n, t, "output")) for n, t in outputs)
-    return _field(1, 8) + _field(7, graph) + _field(8, _field(2, 17))
+    def tensor(name: str, array: np.ndarray) -> bytes:
+        array = np.ascontiguousarray(array, dtype="<f4")
+        return b"".join(_field(1, int(d)) for d in array.shape) + _field(2, FLOAT) + _field(8, name) \
+            + _field(9, array.tobytes())
+
+    def node(op_type: str, names_in: list[str], names_out: list[str], attributes: dict[str, int]) -> bytes:
+        return b"".join(_field(1, n) for n in names_in) + b"".join(_field(2, n) for n in names_out) \
+            + _field(4, op_type) + b"".join(_field(5, _field(1, k) + _field(3, v) + _field(20, 2))
+                                            for k, v in attributes.items())
+
+    graph = b"".join([*(_field(1, node(*n)) for n in nodes), _field(2, name),
+                      *(_field(5, tensor(n, a)) for n, a in (initializers or {}).items()),
+                      *(_field(11, value(n, t, "input")) for n, t in inputs),
+                      *(_field(12, value(n, t, "output")) for n, t in outputs)])
+    return b"".join([_field(1, 8), _field(7, graph), _field(8, _field(2, 17))])
+
+
+def one_node_model(op_type: str, inputs: list[tuple[str, int]], outputs: list[tuple[str, int]],
+                   attributes: dict[str, int]) -> bytes:
+    """small_model of one node."""
+    return small_model([(op_type, [n for n, _ in inputs], [n for n, _ in outputs], attributes)], inputs, outputs,
+                       name=op_type.lower())
 
 
 def log_softmax_model() -> bytes:
@@ -209,11 +228,11 @@ def top_k_model() -> bytes:
                           {"axis": -1, "largest": 1, "sorted": 1})
 
 
-def small_session(model: bytes, threads: int | None = None) -> ort.InferenceSession:
-    """A session over one of the runtime's own one-node models, on the CPU (log_softmax: 6 ms for 32 x 250k logits
+def small_session(model: bytes, threads: int | None = None, policy: ThreadPolicy = DEFAULT) -> ort.InferenceSession:
+    """A session over one of the runtime's own small models, on the CPU (log_softmax: 6 ms for 32 x 250k logits
     on 2 cores, where numpy took 21 ms with two threads, a sixth of mt0-small's int8 step at 8x4 beams)."""
-    options = default_options()
-    _set_threads(options, threads)
+    options = default_options(policy)
+    _set_threads(options, policy.threads if threads is None else threads)
     return ort.InferenceSession(model, sess_options=options, providers=["CPUExecutionProvider"])
 
 

@@ -78,6 +78,20 @@ def build_bloom(folder: Path, with_tokenizer: bool = True) -> Path:
     return folder
 
 
+@pytest.fixture(scope="session", autouse=True)
+def thread_policy_cache(tmp_path_factory) -> Path:
+    """The machine's thread policy (runtime/tuning.py) is measured once per test session into a temporary cache,
+    never into the user's ~/.cache; subprocesses inherit it."""
+    folder = tmp_path_factory.mktemp("xmtf-cache")
+    previous = os.environ.get("XMTF_ONNX_CACHE")
+    os.environ["XMTF_ONNX_CACHE"] = str(folder)
+    yield folder
+    if previous is None:
+        os.environ.pop("XMTF_ONNX_CACHE", None)
+    else:
+        os.environ["XMTF_ONNX_CACHE"] = previous
+
+
 @pytest.fixture(scope="session")
 def mt5_checkpoint(tmp_path_factory) -> Path:
     return build_mt5(tmp_path_factory.mktemp("checkpoints") / "tiny-mt5")
