@@ -483,8 +483,9 @@ def load(folder: str | os.PathLike, provider: str = "cpu", threads: int | None =
          session_options: ort.SessionOptions | None = None, verify: bool = True,
          greedy_screen: bool = True, prepacked_cache: str | os.PathLike | None = None) -> Model:
     """Load an exported folder. provider: 'cpu' or 'cuda'; threads: intra-op threads (None: the machine's thread
-    policy, measured on the first load on a machine and cached: see xmtf_onnx.runtime.tuning); variant: a variant the folder holds (None: the manifest's default_variant, fp32 when the
-    folder has it); verify: check every file's sha256;
+    policy, measured on the first load on a machine and cached: see xmtf_onnx.runtime.tuning); variant: a variant
+    the folder holds (None: the manifest's default_variant, fp32 when the folder has it); verify: check every
+    file's sha256;
     greedy_screen: pick greedy tokens through the screen where the variant has one (exact; off: always the
     full logits, for comparison); prepacked_cache: a folder where onnxruntime's packed CPU weights are saved on
     the first load and memory-mapped on the next ones, instead of packed into a heap copy of the weights (no

@@ -193,8 +193,8 @@ def _measure(progress: Callable[[str], None] | None, note: str | None = None) ->
 
 
 def choose(ms_per_step: dict[str, float]) -> ThreadPolicy:
-    """The first policy, unless another's step is at least MARGIN faster (a measurement of a few seconds is noisy: a switch
-    must be worth it)."""
+    """The first policy, unless another's step is at least MARGIN faster (a measurement of a few seconds is noisy:
+    a switch must be worth it)."""
     best = min(ms_per_step, key=ms_per_step.get)
     if ms_per_step[best] * (1 + MARGIN) <= ms_per_step[DEFAULT.name]:
         return BY_NAME[best]
