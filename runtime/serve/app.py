@@ -96,7 +96,7 @@ class Server:
 
         try:
             self.model = load(self.folder, provider=self.provider, threads=self.threads, variant=self.variant)
-            self.model.tokenizer  # read now, not on the first text request (and a broken one fails the load)
+            _ = self.model.tokenizer  # read now, not on the first text request (and a broken one fails the load)
             self.engine = Engine(self.model, self.limits.max_batch_size, self.limits.max_queue, self.metrics,
                                  self.limits.max_prefill_tokens, padded=self.limits.batching == "padded")
             self.engine.start()
