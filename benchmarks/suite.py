@@ -10,6 +10,7 @@ results.json, results.md and PNG plots.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -144,6 +145,19 @@ def prepare_checkpoint(preset: str, folder: str, dtype: str = "float32") -> str:
     return folder
 
 
+@contextlib.contextmanager
+def _transformers_quiet():
+    """transformers' warnings off while a rival's own code calls it (they are the rival's to fix, not the user's)."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
 def prepare_rivals(checkpoint: str, work: str, backends: list[str], is_seq2seq: bool,
                    quantized_only: bool = False, llama_cpp: str | None = None,
                    threads: int = 1) -> dict[str, str | Exception]:
@@ -168,7 +182,8 @@ def prepare_rivals(checkpoint: str, work: str, backends: list[str], is_seq2seq: 
                     # fp16 loading halves the converter's memory (it loads the whole model); int8 is the same
                     converter = ctranslate2.converters.TransformersConverter(checkpoint,
                                                                              load_as_float16=quantized_only)
-                    converter.convert(target, quantization=quantization)
+                    with _transformers_quiet():  # its from_pretrained(torch_dtype=...) warns of a deprecation
+                        converter.convert(target, quantization=quantization)
                 prepared[f"ct2-{quantization}"] = target
             except Exception as e:
                 prepared[f"ct2-{quantization}"] = e
