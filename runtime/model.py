@@ -17,8 +17,8 @@ from .generation import (GenerationConfig, Hypothesis, StepTimer, Vocabulary, ru
                          run_sampling, sample_tokens)
 from .manifest import OPTIONAL_ROLES, ROLES, Manifest, read_manifest
 from .runners import RUNNERS
-from .session import advise_random_access, make_session, resolve_provider
-from .tuning import DEFAULT as DEFAULT_POLICY, machine_policy
+from .session import DEFAULT_POLICY, advise_random_access, make_session, resolve_provider
+from .tuning import machine_policy
 
 OPTION_NAMES = ("max_new_tokens", "min_new_tokens", "eos_token_id", "pad_token_id", "stop_strings", "num_beams",
                 "length_penalty", "early_stopping", "num_return_sequences", "no_repeat_ngram_size",

@@ -20,8 +20,7 @@ import onnxruntime as ort
 
 from .errors import InferenceError
 from .manifest import Manifest
-from .session import log_softmax_model, small_session, top_k_model
-from .tuning import DEFAULT as DEFAULT_POLICY
+from .session import DEFAULT_POLICY, log_softmax_model, small_session, top_k_model
 
 
 @dataclass

@@ -10,12 +10,12 @@ import shutil
 import sys
 import tempfile
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
 import onnxruntime as ort
 
 from .errors import ManifestError, ProviderUnavailableError
-from .tuning import DEFAULT, ThreadPolicy
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
@@ -36,9 +36,40 @@ def resolve_provider(provider: str) -> str:
     return name
 
 
-def default_options(policy: ThreadPolicy = DEFAULT) -> ort.SessionOptions:
-    """The options every session gets unless the caller passes its own; `policy` sets how its threads spin
-    (tuning.py: measured once per machine; the default stops spinning when a run ends)."""
+@dataclass(frozen=True)
+class ThreadPolicy:
+    """How a session's intra-op threads wait between the ops of a run and between runs (tuning.py measures
+    which is fastest on a machine)."""
+
+    name: str
+    threads: int | None  # intra-op threads; None: onnxruntime's default (one per physical core)
+    spinning: str  # "while running" (stopped when a run ends), "never", "always" (onnxruntime's default)
+    summary: str
+
+    def configure(self, options: ort.SessionOptions) -> None:
+        """Set this policy's spinning on `options` (default_options sets its threads, unless the caller gives some)."""
+        if self.spinning == "while running":
+            options.add_session_config_entry("session.force_spinning_stop", "1")
+        elif self.spinning == "never":
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+
+
+POLICIES = (
+    ThreadPolicy("spin-then-stop", None, "while running",
+                 "one thread per core; idle threads spin during a run, and stop when it ends (the next session "
+                 "gets the cores)"),
+    ThreadPolicy("no-spin", None, "never", "one thread per core; idle threads sleep at once"),
+    ThreadPolicy("spin", None, "always", "one thread per core; idle threads keep spinning after a run (onnxruntime's "
+                 "default)"),
+    ThreadPolicy("one-thread", 1, "while running", "every session on the calling thread alone"),
+)
+DEFAULT_POLICY = POLICIES[0]
+
+
+def default_options(policy: ThreadPolicy = DEFAULT_POLICY, threads: int | None = None) -> ort.SessionOptions:
+    """The options every session gets unless the caller passes its own: `policy` sets how its threads spin and, when
+    `threads` is None, how many there are (tuning.py: measured once per machine; the default stops spinning when a
+    run ends)."""
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3
@@ -46,6 +77,7 @@ def default_options(policy: ThreadPolicy = DEFAULT) -> ort.SessionOptions:
     # and the per-shape blocks cost 0.3 GB of peak memory at 8x4 beams on bloomz-560m.
     options.enable_mem_pattern = False
     policy.configure(options)
+    _set_threads(options, policy.threads if threads is None else threads)
     return options
 
 
@@ -96,7 +128,7 @@ def _cpu_flags() -> str:
 
 def make_session(path: str, provider: str = "cpu", threads: int | None = None,
                  options: ort.SessionOptions | None = None, prepacked_cache: str | None = None,
-                 policy: ThreadPolicy = DEFAULT) -> ort.InferenceSession:
+                 policy: ThreadPolicy = DEFAULT_POLICY) -> ort.InferenceSession:
     """An InferenceSession on one provider, full graph optimizations, `threads` intra-op threads (None: the policy's).
     Given `options` are used as they are (but for `threads`); without them, `policy` sets the threads' spinning.
     prepacked_cache: a folder where the CPU provider's packed weights are saved once and memory-mapped from then on
@@ -107,9 +139,9 @@ def make_session(path: str, provider: str = "cpu", threads: int | None = None,
     if prepacked_cache is not None and provider_name == "CPUExecutionProvider" and options is None:
         path = prepacked_graph(path, os.fspath(prepacked_cache))
     if options is None:
-        options = default_options(policy)
-        threads = policy.threads if threads is None else threads
-    _set_threads(options, threads)
+        options = default_options(policy, threads)
+    else:
+        _set_threads(options, threads)
     providers = [provider_name] if provider_name == "CPUExecutionProvider" else [provider_name,
                                                                                  "CPUExecutionProvider"]
     try:
@@ -228,12 +260,11 @@ def top_k_model() -> bytes:
                           {"axis": -1, "largest": 1, "sorted": 1})
 
 
-def small_session(model: bytes, threads: int | None = None, policy: ThreadPolicy = DEFAULT) -> ort.InferenceSession:
+def small_session(model: bytes, threads: int | None = None,
+                  policy: ThreadPolicy = DEFAULT_POLICY) -> ort.InferenceSession:
     """A session over one of the runtime's own small models, on the CPU (log_softmax: 6 ms for 32 x 250k logits
     on 2 cores, where numpy took 21 ms with two threads, a sixth of mt0-small's int8 step at 8x4 beams)."""
-    options = default_options(policy)
-    _set_threads(options, policy.threads if threads is None else threads)
-    return ort.InferenceSession(model, sess_options=options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(model, sess_options=default_options(policy, threads), providers=["CPUExecutionProvider"])
 
 
 def _set_threads(options: ort.SessionOptions, threads: int | None) -> None:

@@ -25,44 +25,18 @@ import platform
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 import onnxruntime as ort
 
 from .errors import ConfigurationError
+from .session import (DEFAULT_POLICY as DEFAULT, FLOAT, POLICIES, ThreadPolicy, _cpu_flags,
+                      small_model, small_session)
 
 ENV_POLICY, ENV_CACHE = "XMTF_ONNX_THREAD_POLICY", "XMTF_ONNX_CACHE"
 MARGIN = 0.20  # another policy replaces the first only when its step is at least this much faster
 LOCK_WAIT_S = 60.0  # how long a process waits for another one measuring the same machine
-
-
-@dataclass(frozen=True)
-class ThreadPolicy:
-    name: str
-    threads: int | None  # intra-op threads; None: onnxruntime's default (one per physical core)
-    spinning: str  # "while running" (stopped when a run ends), "never", "always" (onnxruntime's default)
-    summary: str
-
-    def configure(self, options: ort.SessionOptions) -> None:
-        """Set this policy's spinning on `options` (its threads are set by the caller, who may override them)."""
-        if self.spinning == "while running":
-            options.add_session_config_entry("session.force_spinning_stop", "1")
-        elif self.spinning == "never":
-            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-
-
-POLICIES = (
-    ThreadPolicy("spin-then-stop", None, "while running",
-                 "one thread per core; idle threads spin during a run, and stop when it ends (the next session "
-                 "gets the cores)"),
-    ThreadPolicy("no-spin", None, "never", "one thread per core; idle threads sleep at once"),
-    ThreadPolicy("spin", None, "always", "one thread per core; idle threads keep spinning after a run (onnxruntime's "
-                 "default)"),
-    ThreadPolicy("one-thread", 1, "while running", "every session on the calling thread alone"),
-)
-DEFAULT = POLICIES[0]
 BY_NAME = {policy.name: policy for policy in POLICIES}
 
 _chosen: dict[str, tuple[ThreadPolicy, dict]] = {}  # this process's choice per cache file
@@ -78,8 +52,6 @@ def cache_file() -> str:
 
 def machine() -> dict:
     """What the choice depends on: the CPU, the cores this process may use, onnxruntime's version."""
-    from .session import _cpu_flags
-
     model = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as handle:
@@ -204,8 +176,6 @@ def choose(ms_per_step: dict[str, float]) -> ThreadPolicy:
 def measure(policies=POLICIES, rounds: int = 5, steps: int = 8) -> dict[str, float]:
     """Median milliseconds of one synthetic decode step (a body session, then a head session) under each policy,
     the policies interleaved round by round; a pause after each lets a spinning pool go to sleep before the next."""
-    from .session import small_session
-
     body, head = _synthetic_step()
     sessions = {}
     for policy in policies:
@@ -234,8 +204,6 @@ def _synthetic_step(depth: int = 512, width: int = 384, blocks: int = 8, project
     """Two models shaped like mt0-small's decoder step: body x [1, d] -> 8 blocks of 8 chained projections
     (d -> width -> d, as attention's q/k/v/o and the FFN's; each a parallel section of the pool) and small
     element-wise ops (one thread each), then head [1, d] -> [1, vocab]."""
-    from .session import FLOAT, small_model
-
     nodes, weights, x = [], {}, "x"
     for b in range(blocks):
         y = x
