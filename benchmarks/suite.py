@@ -435,7 +435,8 @@ def main(argv: list[str] | None = None) -> int:
         from xmtf_onnx.runtime.tuning import policy_and_record
 
         policy, record = policy_and_record(progress=_log)
-        report["thread_policy"] = {"name": policy.name, "summary": policy.summary, **record}
+        report["thread_policy"] = {"name": policy.name, "summary": policy.summary,
+                                   **{k: v for k, v in record.items() if k != "file"}}  # no home paths in a report
         _log(f"xmtf thread policy: {policy.name} ({record['source']}"
              + (f"; ms per synthetic step: {record['ms_per_step']}" if "ms_per_step" in record else "") + ")")
     for model in args.models:
