@@ -362,19 +362,21 @@ def _write_variant(family, config, weights, folder: str, subfolder: str, plan) -
     """Build and write one variant's graphs under folder/subfolder: its files (manifest entries), the family's
     manifest fields, roles, IO names, and the graphs and store (what was quantized, the read-back checks)."""
     from .families.common import Store
-    from .graph import save_graph
+    from .graph import SHARED_SUFFIX, save_forms, shared_buffer_fields
 
     target = os.path.join(folder, subfolder)
     os.makedirs(target, exist_ok=True)
     store = Store(target)
     graphs, fields = family.build(config, weights, store, plan)
-    for graph, filename, _ in graphs:
-        save_graph(target, graph, filename)
-    roles = {role: filename for _, filename, role in graphs}
+    written = save_forms(target, graphs)
+    for role in [role for _, _, role in graphs if role + SHARED_SUFFIX in written]:
+        fields["cache"]["shared_buffer"] = shared_buffer_fields(role)
+    graph_of = {role: graph for graph, _, role in graphs}
+    roles = {role: entry["filename"] for role, entry in written.items()}
     return {"files": {role: file_entry(folder, os.path.join(subfolder, name)) for role, name in roles.items()},
-            "fields": fields, "roles": roles, "graphs": [graph for graph, _, _ in graphs], "store": store,
-            "io": {role: {"inputs": [i.name for i in graph.inputs], "outputs": [o.name for o in graph.outputs]}
-                   for graph, _, role in graphs}}
+            "fields": fields, "roles": roles, "store": store,
+            "graphs": [graph_of[role.removesuffix(SHARED_SUFFIX)] for role in roles],
+            "io": {role: {key: entry[key] for key in ("inputs", "outputs")} for role, entry in written.items()}}
 
 
 def _built_quantization(mode: str, plan, graphs: list, roles: dict[str, str]) -> dict:

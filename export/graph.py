@@ -14,7 +14,7 @@ import fnmatch
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Callable, Iterable
 
 import numpy as np
 import onnx
@@ -159,6 +159,11 @@ class Graph:
         self.constants: list[onnx.TensorProto] = []
         self.quantized: list[str] = []  # weight names written quantized (for the manifest)
         self.kept_fp32: list[str] = []  # quantizable weights kept fp32 by the plan
+        # the shared-buffer form (see cached_attention): per layer (portable attention node, nodes it replaces,
+        # its replacement); inputs it drops (None) or whose axis it calls capacity; the lengths' nodes
+        self.shared_attention: list[tuple[onnx.NodeProto, list[onnx.NodeProto], Callable]] = []
+        self.shared_inputs: dict[str, int | None] = {}
+        self.shared_setup: list[onnx.NodeProto] = []
         self._counter = 0
 
     def _fresh(self, hint: str) -> str:
@@ -257,6 +262,61 @@ class Graph:
         return self.op("Concat", [self.op("Gather", [past, beam_idx], axis=0), self.split_heads(new, num_heads, head_dim)],
                        axis=2)
 
+    def cached_attention(self, query: str, key: str, value: str, past: tuple[str, str], beam_idx: str, bias: str,
+                         lengths: tuple[str, str], num_heads: int, head_dim: int, scale: float,
+                         packed: str | None = None) -> tuple[str, str, str]:
+        """Self-attention over a KV cache: (context [batch, seq, heads*d], present key, present value).
+
+        Written twice (see to_model): the portable form reorders the past for beam search (beam_idx), appends
+        this step's keys and values (append_cache) and attends with MultiHeadAttention; the shared-buffer form
+        is one GroupQueryAttention node per layer whose past and present are one [batch, heads, capacity, d]
+        buffer it writes this step's keys and values into (the runtime reorders beams between steps): nine
+        nodes fewer per layer and no cache copied per step. lengths: the mask's (total - 1 per row, int32
+        [batch]; total, int32 scalar), see cache_lengths. packed: query, key and value as one [batch, seq,
+        3*heads*d] tensor that the caller split into them (the split is left out of the shared form)."""
+        first = len(self.nodes)
+        key_cache = self.append_cache(past[0], key, beam_idx, num_heads, head_dim)
+        value_cache = self.append_cache(past[1], value, beam_idx, num_heads, head_dim)
+        context = self.attention(query, key_cache, value_cache, bias, num_heads, scale)
+        replaced = self.nodes[first:]
+        if packed is not None:
+            replaced += [node for node in self.nodes[:first] if query in node.output]
+        portable = self.nodes[-1]
+        concats = [node for node in replaced if node.op_type == "Concat"]
+        inputs = [packed, "", ""] if packed is not None else [query, key, value]
+
+        def shared_node() -> onnx.NodeProto:  # read at to_model: graph.output may have renamed the presents
+            return helper.make_node("GroupQueryAttention", [*inputs, *past, *lengths, "", "", "", bias],
+                                    [portable.output[0], *(node.output[0] for node in concats)],
+                                    name=portable.name + "_shared", domain=MS_DOMAIN, num_heads=num_heads,
+                                    kv_num_heads=num_heads, scale=float(scale))
+
+        self.shared_attention.append((portable, replaced, shared_node))
+        self.shared_inputs.update({beam_idx: None, past[0]: 2, past[1]: 2})
+        return context, key_cache, value_cache
+
+    def cache_lengths(self, attention_mask: str) -> tuple[str, str]:
+        """GroupQueryAttention's lengths from the mask [batch, total]: (total - 1 per row, total), int32. Made in
+        the shared-buffer form only: the portable form has no use for them."""
+        n = {key: self._fresh(key) for key in ("one", "width", "rows", "squeezed", "minus_one", "expanded",
+                                               "seqlens_k", "total_sequence_length")}
+
+        def node(op_type: str, inputs: list[str], output: str, **attributes) -> onnx.NodeProto:
+            return helper.make_node(op_type, inputs, [n[output]], name=n[output] + "_node", **attributes)
+
+        self.shared_setup = [
+            helper.make_node("Constant", [], [n["one"]], name=n["one"] + "_node",
+                             value=numpy_helper.from_array(np.array([1], np.int64))),
+            node("Shape", [attention_mask], "width", start=1, end=2),
+            node("Shape", [attention_mask], "rows", start=0, end=1),
+            node("Squeeze", [n["width"]], "squeezed"),
+            node("Cast", [n["squeezed"]], "total_sequence_length", to=TensorProto.INT32),
+            node("Sub", [n["width"], n["one"]], "minus_one"),
+            node("Expand", [n["minus_one"], n["rows"]], "expanded"),
+            node("Cast", [n["expanded"]], "seqlens_k", to=TensorProto.INT32),
+        ]
+        return n["seqlens_k"], n["total_sequence_length"]
+
     def split_heads(self, x: str, num_heads: int, head_dim: int) -> str:
         """[batch, seq, heads*d] -> [batch, heads, seq, d]"""
         x = self.op("Reshape", [x, self.const([0, 0, num_heads, head_dim])])
@@ -294,8 +354,24 @@ class Graph:
         """The size of one axis as a 1-element int64 tensor."""
         return self.op("Shape", [x], start=axis, end=axis + 1)
 
-    def to_model(self) -> onnx.ModelProto:
-        graph = helper.make_graph(self.nodes, self.name, self.inputs, self.outputs, initializer=self.constants)
+    @property
+    def has_shared_form(self) -> bool:
+        return bool(self.shared_attention)
+
+    def to_model(self, shared: bool = False) -> onnx.ModelProto:
+        """The graph as written: portable, or (shared=True) its shared-buffer form (see cached_attention), where
+        the reorder input is gone and every cache input and output has a capacity axis instead of its length."""
+        nodes, inputs, outputs = self.nodes, self.inputs, self.outputs
+        if shared:
+            replacements = {id(portable): make for portable, _, make in self.shared_attention}
+            dropped = {id(node) for _, replaced, _ in self.shared_attention for node in replaced}
+            nodes = self.shared_setup + [replacements[id(n)]() if id(n) in replacements else n for n in self.nodes
+                      if id(n) in replacements or id(n) not in dropped]
+            presents = {n for _, _, make in self.shared_attention for n in make().output[1:]}
+            inputs = [_with_axis(i, self.shared_inputs.get(i.name, 0), "capacity") for i in self.inputs
+                      if self.shared_inputs.get(i.name, 0) is not None]
+            outputs = [_with_axis(o, 2, "capacity") if o.name in presents else o for o in self.outputs]
+        graph = helper.make_graph(nodes, self.name, inputs, outputs, initializer=self.constants)
         model = helper.make_model(
             graph,
             opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS_DOMAIN, 1)],
@@ -303,6 +379,17 @@ class Graph:
         )
         model.ir_version = 8
         return model
+
+
+def _with_axis(value: onnx.ValueInfoProto, axis: int, name: str) -> onnx.ValueInfoProto:
+    """A copy of value with one axis renamed (the others kept): [batch, heads, total, d] -> capacity."""
+    if not axis:
+        return value
+    copy = onnx.ValueInfoProto()
+    copy.CopyFrom(value)
+    copy.type.tensor_type.shape.dim[axis].ClearField("dim_value")
+    copy.type.tensor_type.shape.dim[axis].dim_param = name
+    return copy
 
 
 # ---- quantization of one tensor (or one block of rows) ----
@@ -439,9 +526,10 @@ def fp32_columns(weights: WeightFile, key: str, source, name: str) -> str:
 
 # ---- writing the graphs ----
 
-def save_graph(folder: str, graph: Graph, filename: str) -> None:
-    """Write a graph whose initializers point into the (already written) weight files."""
-    model = graph.to_model()
+def save_graph(folder: str, graph: Graph, filename: str, shared: bool = False) -> None:
+    """Write a graph whose initializers point into the (already written) weight files (shared: its shared-buffer
+    form, over the same weights)."""
+    model = graph.to_model(shared)
     for name, (weight_file, key, shape) in graph.initializers.items():
         model.graph.initializer.append(weight_file.tensor(name, key, shape))
     path = os.path.join(folder, filename)
@@ -453,3 +541,34 @@ def save_graph(folder: str, graph: Graph, filename: str) -> None:
 def save_graphs(folder: str, graphs: Iterable[tuple[Graph, str]]) -> None:
     for graph, filename in graphs:
         save_graph(folder, graph, filename)
+
+
+SHARED_SUFFIX = "_shared"
+
+
+def save_forms(folder: str, graphs: list[tuple[Graph, str, str]]) -> dict[str, dict]:
+    """Write each (graph, filename, role), and the shared-buffer form of a graph that has one (role and file name
+    + _shared, over the same weights): {role: {"filename", "inputs", "outputs"}} of every file written."""
+    written = {}
+    for graph, filename, role in graphs:
+        forms = [(False, filename, role)]
+        if graph.has_shared_form:
+            forms.append((True, filename.replace(".onnx", SHARED_SUFFIX + ".onnx"), role + SHARED_SUFFIX))
+        for shared, name, form_role in forms:
+            save_graph(folder, graph, name, shared)
+            model = graph.to_model(shared).graph
+            written[form_role] = {"filename": name, "inputs": [i.name for i in model.input],
+                                  "outputs": [o.name for o in model.output]}
+    return written
+
+
+def shared_buffer_fields(role: str) -> dict:
+    """The manifest's record of a shared-buffer graph (cache.shared_buffer): what the runtime must do with it."""
+    return {
+        "graph_role": role + SHARED_SUFFIX, "providers": ["cpu"], "capacity_axis": 2,
+        "op": "com.microsoft.GroupQueryAttention",
+        "contract": "a layer's past and present are one buffer [batch, heads, capacity, head_dim], bound as both "
+                    "input and output; the node writes this step's keys and values at positions total - new .. "
+                    "total - 1 (total: the attention_mask's width) and reads the first total; there is no "
+                    "beam_idx input: the caller reorders the rows between steps",
+    }

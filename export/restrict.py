@@ -21,7 +21,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from xmtf_onnx.runtime.manifest import ROLES, read_manifest, sha256_of, write_manifest
+from xmtf_onnx.runtime.manifest import ROLES, SHARED_DECODER, read_manifest, sha256_of, write_manifest
 
 from .errors import ExportError, OutputExistsError
 
@@ -220,7 +220,8 @@ def restrict(folder: str, name: str, *, texts: Sequence[str] = (), token_ids: st
             _restricted_quantized_head(head_path, kept, partial, vocab_size)
             roles = ["head"]
         kept.astype("<i8").tofile(os.path.join(partial, VOCABULARY_FILE))
-    files = {role: base["files"][role] for role in ROLES[manifest.kind] if role != "head"}
+    files = {role: base["files"][role] for role in (*ROLES[manifest.kind], SHARED_DECODER)
+             if role != "head" and role in base["files"]}  # the base's decoders, shared-buffer form included
     files.update({role: file_entry(folder, os.path.join(name, f"{role}.onnx")) for role in roles})
     ids_path = os.path.join(name, VOCABULARY_FILE)
     os.chmod(os.path.join(folder, ids_path), 0o644)

@@ -118,7 +118,7 @@ def _probe_layers(family, config) -> list:
 def validate_reduced(family, config, weights, scratch: str, tolerance: float, log) -> dict[str, Any]:
     """Truncated-depth probes of the real weights, exported by the same builder and compared end to end."""
     from .families.common import Store
-    from .graph import WeightPlan, save_graph
+    from .graph import WeightPlan, save_forms
     from .weights import TruncatedSource
 
     probes = []
@@ -129,9 +129,7 @@ def validate_reduced(family, config, weights, scratch: str, tolerance: float, lo
         os.makedirs(folder)
         log(f"probe {index}: layers {layers}, first {small.vocab_size} vocabulary rows, full width")
         graphs, fields = family.build(small, view, Store(folder), WeightPlan())
-        for graph, filename, _ in graphs:
-            save_graph(folder, graph, filename)
-        roles = {role: filename for _, filename, role in graphs}
+        roles = {role: entry["filename"] for role, entry in save_forms(folder, graphs).items()}
         sessions = validation_sessions(folder, roles)
         diffs = family.validate(small, lambda: torch_model(family, small, view), sessions, fields,
                                 np.random.default_rng(index))

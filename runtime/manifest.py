@@ -16,7 +16,10 @@ FORMAT_VERSION = 4  # 2: the output projection left the decoder (head.onnx, scre
 #                     4: mT5's decoder takes attention_mask (rows at different lengths: continuous batching)
 KINDS = ("seq2seq", "decoder")
 ROLES = {"seq2seq": ("encoder", "decoder", "head"), "decoder": ("decoder", "head")}
-OPTIONAL_ROLES = ("screen",)  # the greedy screen: only where the head is the fp32 projection it bounds
+# the greedy screen (only where the head is the fp32 projection it bounds); the decoder's shared-buffer form (the
+# CPU's: see cache["shared_buffer"]), read instead of the decoder where present
+SHARED_DECODER = "decoder_shared"
+OPTIONAL_ROLES = ("screen", SHARED_DECODER)
 
 
 def sha256_of(path: str, block: int = 8 << 20) -> str:

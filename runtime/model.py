@@ -15,7 +15,7 @@ import onnxruntime as ort
 from .errors import GenerationInputError, ManifestError
 from .generation import (GenerationConfig, Hypothesis, StepTimer, Vocabulary, run_beam_search,
                          run_sampling, sample_tokens)
-from .manifest import OPTIONAL_ROLES, ROLES, Manifest, read_manifest
+from .manifest import OPTIONAL_ROLES, ROLES, SHARED_DECODER, Manifest, read_manifest
 from .runners import RUNNERS
 from .session import DEFAULT_POLICY, advise_random_access, make_session, resolve_provider
 from .tuning import machine_policy
@@ -52,7 +52,8 @@ class GenerationOutput:
 class Model:
     def __init__(self, manifest: Manifest, provider: str = "cpu", threads: int | None = None,
                  variant: str | None = None, session_options: ort.SessionOptions | None = None,
-                 verify: bool = True, greedy_screen: bool = True, prepacked_cache: str | os.PathLike | None = None):
+                 verify: bool = True, greedy_screen: bool = True, prepacked_cache: str | os.PathLike | None = None,
+                 shared_cache: bool = True):
         self.manifest = manifest
         self.kind = manifest.kind
         self.provider = resolve_provider(provider)
@@ -65,20 +66,26 @@ class Model:
         if missing:
             raise ManifestError(f"variant {variant!r} of {manifest.folder} has no {', '.join(missing)} graph; "
                                 "export the model again.")
-        optional = [role for role in OPTIONAL_ROLES if role in entry["files"] and (greedy_screen or role != "screen")]
+        on_cpu = self.provider == "CPUExecutionProvider"
+        # The decoder's shared-buffer form where the export has one, on the CPU (the provider it was written for)
+        shared = shared_cache and on_cpu and SHARED_DECODER in entry["files"]
+        self.shared_cache = shared
+        optional = [role for role in OPTIONAL_ROLES if role in entry["files"] and role != SHARED_DECODER
+                    and (greedy_screen or role != "screen")]
         roles = [*ROLES[self.kind], *optional]
+        files = {role: SHARED_DECODER if shared and role == "decoder" else role for role in roles}
         # How the CPU sessions' threads spin, and how many there are when `threads` is None: measured once per
         # machine (tuning.py); caller-made session options and GPU sessions keep the built-in default.
-        on_cpu = self.provider == "CPUExecutionProvider"
         self.thread_policy = machine_policy() if session_options is None and on_cpu else DEFAULT_POLICY
-        self.sessions = {role: make_session(manifest.path(entry["files"][role]["path"]), provider, threads,
+        self.sessions = {role: make_session(manifest.path(entry["files"][files[role]]["path"]), provider, threads,
                                             session_options, prepacked_cache, self.thread_policy)
                          for role in roles}
+        self._files = files
         if session_options is None and on_cpu:  # packed weights: see the function
             advise_random_access([manifest.path(item["path"]) for file in entry["files"].values()
                                   for item in file.get("data", [])])
         self._check_io()
-        self.runner = RUNNERS[self.kind](manifest, self.sessions, self.device)
+        self.runner = RUNNERS[self.kind](manifest, self.sessions, self.device, shared_cache=shared)
         self.runner.threads = threads  # the host-side work (log-softmax over beams) uses as many threads
         self.runner.policy = self.thread_policy
         self.tokens = manifest.tokens
@@ -106,7 +113,7 @@ class Model:
         problems = []
         cache = self.manifest.cache
         for role, session in self.sessions.items():
-            expected = self.manifest.data["io"].get(role, {})
+            expected = self.manifest.data["io"].get(self._files[role], {})
             inputs = {i.name: i for i in session.get_inputs()}
             outputs = {o.name for o in session.get_outputs()}
             problems += [f"{role} lacks input {n}" for n in expected.get("inputs", []) if n not in inputs]
@@ -481,7 +488,8 @@ class _Text:
 
 def load(folder: str | os.PathLike, provider: str = "cpu", threads: int | None = None, variant: str | None = None,
          session_options: ort.SessionOptions | None = None, verify: bool = True,
-         greedy_screen: bool = True, prepacked_cache: str | os.PathLike | None = None) -> Model:
+         greedy_screen: bool = True, prepacked_cache: str | os.PathLike | None = None,
+         shared_cache: bool = True) -> Model:
     """Load an exported folder. provider: 'cpu' or 'cuda'; threads: intra-op threads (None: the machine's thread
     policy, measured on the first load on a machine and cached: see xmtf_onnx.runtime.tuning); variant: a variant
     the folder holds (None: the manifest's default_variant, fp32 when the folder has it); verify: check every
@@ -489,6 +497,9 @@ def load(folder: str | os.PathLike, provider: str = "cpu", threads: int | None =
     greedy_screen: pick greedy tokens through the screen where the variant has one (exact; off: always the
     full logits, for comparison); prepacked_cache: a folder where onnxruntime's packed CPU weights are saved on
     the first load and memory-mapped on the next ones, instead of packed into a heap copy of the weights (no
-    second copy in RssAnon, shared by processes, faster loads; costs about the variant's size on disk)."""
+    second copy in RssAnon, shared by processes, faster loads; costs about the variant's size on disk);
+    shared_cache: on the CPU, run the decoder's shared-buffer form where the export has one (one cache buffer per
+    layer that the graph writes each step into; off: the portable form, which copies the cache every step, as on
+    CUDA)."""
     return Model(read_manifest(folder), provider, threads, variant, session_options, verify, greedy_screen,
-                 prepacked_cache)
+                 prepacked_cache, shared_cache)

@@ -37,6 +37,10 @@ class DecodeState:
     # CPU: flat buffers, one per present, sized for the request: one set (written in place) or two (used in turn)
     buffers: list[list[np.ndarray]] | None = None
     flip: int = 0
+    # the shared-buffer decoder: per cache input a [rows, heads, capacity, d] buffer that `past` views whole, of
+    # which the first `length` positions hold the cache (None: `past` holds the cache at its own length)
+    shared: list[np.ndarray] | None = None
+    length: int = 0
 
 
 def _run(session: ort.InferenceSession, device: str, cpu_inputs: dict[str, np.ndarray],
@@ -64,8 +68,10 @@ def _run(session: ort.InferenceSession, device: str, cpu_inputs: dict[str, np.nd
 class Runner:
     """Shared by both kinds: the cache names and the empty first-step past."""
 
-    def __init__(self, manifest: Manifest, sessions: dict[str, ort.InferenceSession], device: str):
+    def __init__(self, manifest: Manifest, sessions: dict[str, ort.InferenceSession], device: str,
+                 shared_cache: bool = False):
         self.manifest, self.sessions, self.device = manifest, sessions, device
+        self.shared_cache = shared_cache  # sessions["decoder"] is the shared-buffer form (CPU): see _decode_shared
         cache = manifest.cache
         self.num_layers, self.num_heads, self.head_dim = cache["num_layers"], cache["num_heads"], cache["head_dim"]
         self.cache_dtype = np.dtype(cache.get("dtype", "float32"))
@@ -97,12 +103,60 @@ class Runner:
         """One decoder call: feeds + past -> hidden [rows, d] on the host; presents stay on the device."""
         values = dict(zip(self.past_names, state.past))
         values.update(zip(self.cross_names, state.cross))
+        if self.shared_cache:
+            return self._decode_shared(state, feeds, beam_idx, values)
         feeds["beam_idx"] = beam_idx
         rows, new = feeds["input_ids"].shape
-        presents = self._presents(state, rows, state.past[0].shape()[2] + new)
+        presents = self._presents(state, rows, self.past_length(state) + new)
         outputs = _run(self.sessions["decoder"], self.device, feeds, values, [], ["hidden"], presents)
         state.past = list(presents.values())
         return outputs[-1].numpy()
+
+    def _decode_shared(self, state: DecodeState, feeds: dict[str, np.ndarray], beam_idx: np.ndarray,
+                       values: dict[str, ort.OrtValue]) -> np.ndarray:
+        """One call of the shared-buffer decoder: each layer's past and present are one buffer, bound as both, that
+        the graph writes this step's keys and values into. Beam search's reorder happens here, in place, on the
+        rows that change (greedy and sampling never copy the cache); the buffers grow (doubling) when the request's
+        length was not known."""
+        rows, new = feeds["input_ids"].shape
+        past = self.past_length(state)
+        self._shared_buffers(state, rows, past + new)
+        moved = np.flatnonzero(beam_idx != np.arange(rows))
+        if moved.size and past:
+            for buffer in state.shared:
+                buffer[moved, :, :past] = buffer[beam_idx[moved], :, :past]
+        state.past = [ort.OrtValue.ortvalue_from_numpy(buffer[:rows]) for buffer in state.shared]
+        values.update(zip(self.past_names, state.past))
+        outputs = _run(self.sessions["decoder"], "cpu", feeds, values, [], ["hidden"],
+                       dict(zip(self.present_names, state.past)))
+        state.length = past + new
+        return outputs[-1].numpy()
+
+    def _shared_buffers(self, state: DecodeState, rows: int, length: int) -> None:
+        """state.shared with room for `rows` rows of `length` positions: made (or grown) with the cache copied in."""
+        have = state.shared
+        if have is not None and have[0].shape[0] >= rows and have[0].shape[2] >= length:
+            return
+        cache = self.cache_arrays(state)
+        rows_max = max(rows, state.input_ids.shape[0] * state.expand)
+        # the request's length when it was given (begin), else room to grow: copies stay O(1) per token
+        capacity = state.capacity if state.capacity >= length else max(2 * length, 16)
+        state.shared = []
+        for array in cache:
+            buffer = np.empty((rows_max, self.num_heads, capacity, self.head_dim), self.cache_dtype)
+            buffer[:array.shape[0], :, :array.shape[2]] = array
+            state.shared.append(buffer)
+
+    def past_length(self, state: DecodeState) -> int:
+        """Cache positions the state holds."""
+        return state.length if state.shared is not None else state.past[0].shape()[2]
+
+    def cache_arrays(self, state: DecodeState) -> list[np.ndarray]:
+        """The cache at its length, [rows, heads, length, d] per input (views, on the host)."""
+        if state.shared is not None:
+            rows = state.past[0].shape()[0]
+            return [buffer[:rows, :, :state.length] for buffer in state.shared]
+        return [value.numpy() for value in state.past]
 
     def _presents(self, state: DecodeState, rows: int, length: int) -> dict[str, ort.OrtValue]:
         """Where this step's presents [rows, heads, length, d] go, allocated outside onnxruntime's arena.
@@ -145,13 +199,14 @@ class Runner:
             source = slice(0, int(np.flatnonzero(encoder.any(axis=0))[-1]) + 1)
             state.encoder_mask = encoder[:, source]
 
-        def take(values, positions):
-            return [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v.numpy()[:, :, positions][rows]),
-                                                     self.device, 0) for v in values]
+        def take(arrays, positions):
+            return [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a[:, :, positions][rows]), self.device, 0)
+                    for a in arrays]
 
-        state.past, state.cross = take(state.past, slice(start, None)), take(state.cross, source)
+        state.past = take(self.cache_arrays(state), slice(start, None))
+        state.cross = take([v.numpy() for v in state.cross], source)
         state.attention_mask, state.input_ids = mask[:, start:], state.input_ids[rows]
-        state.buffers, state.capacity = None, 0
+        state.buffers, state.capacity, state.shared = None, 0, None
 
     def join(self, states: Sequence[DecodeState]) -> DecodeState:
         """The rows of the states in one: caches padded on the left to one length (masked there; ALiBi and mT5's
@@ -172,15 +227,15 @@ class Runner:
             size = max(a.shape[axis] for a in arrays)
             return np.concatenate([pad(a, axis, size, on_left) for a in arrays])
 
-        def merged_values(lists: list[list], axis: int, on_left: bool) -> list[ort.OrtValue]:
-            return [ort.OrtValue.ortvalue_from_numpy(merged([v.numpy() for v in layer], axis, on_left), self.device, 0)
+        def merged_values(lists: list[list[np.ndarray]], axis: int, on_left: bool) -> list[ort.OrtValue]:
+            return [ort.OrtValue.ortvalue_from_numpy(merged(list(layer), axis, on_left), self.device, 0)
                     for layer in zip(*lists)]
 
         return DecodeState(
             input_ids=merged([s.input_ids for s in states], 1, True),
             attention_mask=merged([s.attention_mask for s in states], 1, True), expand=1,
-            past=merged_values([s.past for s in states], 2, True),
-            cross=merged_values([s.cross for s in states], 2, False),
+            past=merged_values([self.cache_arrays(s) for s in states], 2, True),
+            cross=merged_values([[v.numpy() for v in s.cross] for s in states], 2, False),
             encoder_mask=None if states[0].encoder_mask is None else merged([s.encoder_mask for s in states], 1, False))
 
     def logits(self, hidden: np.ndarray) -> np.ndarray:
@@ -235,8 +290,9 @@ class Runner:
 class Seq2SeqRunner(Runner):
     """mT0: the encoder runs once per request and yields the cross-attention keys/values."""
 
-    def __init__(self, manifest: Manifest, sessions: dict[str, ort.InferenceSession], device: str):
-        super().__init__(manifest, sessions, device)
+    def __init__(self, manifest: Manifest, sessions: dict[str, ort.InferenceSession], device: str,
+                 shared_cache: bool = False):
+        super().__init__(manifest, sessions, device, shared_cache)
         cross = manifest.data["cross_cache"]
         self.cross_names = [n for i in range(cross["num_layers"]) for n in (cross["key"].format(layer=i),
                                                                             cross["value"].format(layer=i))]

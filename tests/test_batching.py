@@ -101,7 +101,7 @@ def test_rows_are_never_padded_and_cohorts_of_one_length_share_a_decoder_run(fam
         for cohort in batch.cohorts:
             # the fed tokens: BLOOM's prompt or mT5's start token, then every token but the latest
             fed = {(len(prompts[i]) if model.kind == "decoder" else 1) + len(got[i]) - 1 for i in cohort.owners}
-            assert len(fed) == 1 and cohort.state.past[0].shape()[2] == cohort.state.attention_mask.shape[1] == fed.pop()
+            assert len(fed) == 1 and model.runner.past_length(cohort.state) == cohort.state.attention_mask.shape[1] == fed.pop()
             assert cohort.state.attention_mask.all()  # no padded position
             if cohort.state.encoder_mask is not None:
                 assert cohort.state.encoder_mask.all()
@@ -132,5 +132,5 @@ def test_a_padded_batch_is_one_cohort_and_sheds_the_padding_of_rows_that_left(fa
         if batch.rows:
             state = batch.cohorts[0].state
             fed = [(len(prompts[i]) if model.kind == "decoder" else 1) + len(got[i]) - 1 for i in batch.owners]
-            assert state.past[0].shape()[2] == state.attention_mask.shape[1] == max(fed)  # no column unused
+            assert model.runner.past_length(state) == state.attention_mask.shape[1] == max(fed)  # no column unused
     assert got == dict(enumerate(alone))

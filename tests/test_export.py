@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import numpy as np
+import onnx
 import pytest
 import torch
 
@@ -37,11 +38,22 @@ def test_manifest_records_the_contract(family):
         assert cache["num_heads"] == 3 and cache["num_layers"] == config.num_decoder_layers
         assert manifest["cross_cache"]["head_dim"] == 16
         assert manifest["tokens"]["decoder_start_token_id"] == 0
-        assert set(manifest["variants"]["fp32"]["files"]) == {"encoder", "decoder", "head", "screen"}
+        assert set(manifest["variants"]["fp32"]["files"]) == {"encoder", "decoder", "decoder_shared", "head", "screen"}
     else:
         assert manifest["kind"] == "decoder"
         assert cache["num_heads"] == 5 and cache["head_dim"] == 8
-        assert set(manifest["variants"]["fp32"]["files"]) == {"decoder", "head", "screen"}
+        assert set(manifest["variants"]["fp32"]["files"]) == {"decoder", "decoder_shared", "head", "screen"}
+    # the decoder's shared-buffer form: the same weights (one data file), GroupQueryAttention, no beam_idx, and
+    # validated against PyTorch like the portable form
+    files = manifest["variants"]["fp32"]["files"]
+    assert files["decoder_shared"]["data"] == files["decoder"]["data"]
+    assert cache["shared_buffer"]["graph_role"] == "decoder_shared"
+    shared = onnx.load(str(family["export"] / files["decoder_shared"]["path"]), load_external_data=False).graph
+    assert [node.op_type for node in shared.node].count("GroupQueryAttention") == cache["num_layers"]
+    assert {node.op_type for node in shared.node if any(n.startswith("past_") for n in node.input)} == {
+        "GroupQueryAttention"}  # the cache is neither reordered nor copied in the graph
+    assert "beam_idx" not in {i.name for i in shared.input}
+    assert {"decoder_shared.logits.no_past", "decoder_shared.logits.with_past"} <= set(manifest["validation"]["outputs"])
     assert cache["axes"] == ["batch", "heads", "sequence", "head_dim"]
     assert manifest["tokens"]["eos_token_id"] == [config.eos_token_id]
     assert manifest["tokens"]["vocab_size"] == config.vocab_size

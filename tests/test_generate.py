@@ -262,9 +262,9 @@ def test_screened_greedy_equals_transformers(family, options):
 
 
 def test_cache_buffers_alternate_and_overflow_falls_back(family):
-    """The CPU cache lives in two buffers sized for the request; a request that outgrows them (a capacity too
-    small) still decodes the same, on freshly allocated presents."""
-    model = load(family["export"])
+    """The portable decoder's CPU cache lives in buffers sized for the request; a request that outgrows them (a
+    capacity too small) still decodes the same, on freshly allocated presents."""
+    model = load(family["export"], shared_cache=False)
     runner = model.runner
     ids, mask = model._batch([[5, 6, 7, 8], [9, 10]], model.tokens["pad_token_id"])
     sized, unsized = runner.begin(ids, mask, 2, 2), runner.begin(ids, mask, 2)
@@ -304,8 +304,9 @@ def test_log_softmax_on_threads_equals_one_thread():
 
 def test_cache_is_written_over_the_past_when_the_export_allows(family):
     """One cache buffer per layer (the present written over the past it reorders), with the same tokens and scores
-    as two buffers used in turn, the only way for folders whose manifest does not allow it."""
-    model = load(family["export"])
+    as two buffers used in turn, the only way for folders whose manifest does not allow it (the portable decoder's
+    cache; the shared-buffer form has one buffer by construction)."""
+    model = load(family["export"], shared_cache=False)
     assert model.manifest.cache["present_may_overwrite_past"] and model.runner.in_place
     sets = []
     presents = model.runner._presents
@@ -357,3 +358,48 @@ def test_log_probs_written_into_the_buffer_given(family):
     got = model.runner.log_probs(hidden, out=other)
     assert got is not other and not other.any()
     np.testing.assert_array_equal(got, fresh)
+
+
+def test_shared_cache_decoder_equals_the_portable_one(family):
+    """On the CPU the decoder's shared-buffer form (GroupQueryAttention writing each step into one buffer per
+    layer; beams reordered between steps on the rows that move) gives the tokens of the portable form, which
+    copies the cache every step: greedy, beams and seeded sampling, on a padded batch."""
+    shared, portable = load(family["export"]), load(family["export"], shared_cache=False)
+    assert shared.shared_cache and not portable.shared_cache
+    inputs = {i.name for i in shared.sessions["decoder"].get_inputs()}
+    assert "beam_idx" not in inputs and "beam_idx" in {i.name for i in portable.sessions["decoder"].get_inputs()}
+    rows = _prompts(family, shared)
+    for options in (dict(max_new_tokens=9), dict(max_new_tokens=9, num_beams=3, num_return_sequences=2),
+                    dict(max_new_tokens=9, do_sample=True, top_k=20, seed=7, num_return_sequences=2)):
+        a = shared.generate(input_ids=rows, output_scores=True, **options)
+        b = portable.generate(input_ids=rows, output_scores=True, **options)
+        assert a.sequences == b.sequences, options
+        np.testing.assert_allclose(np.concatenate([np.ravel(s) for s in a.scores]),
+                                   np.concatenate([np.ravel(s) for s in b.scores]), rtol=1e-4, atol=1e-4)
+
+
+def test_shared_cache_grows_and_reorders_beams_in_place(family):
+    """Buffers sized for the request when its length is known, grown (cache copied) when not; reordered rows take
+    their beam's cache: the hidden states of both equal the portable decoder's at every step."""
+    shared, portable = load(family["export"]), load(family["export"], shared_cache=False)
+    ids, mask = shared._batch([[5, 6, 7, 8], [9, 10]], shared.tokens["pad_token_id"])
+    states = [shared.runner.begin(ids, mask, 2, 3), shared.runner.begin(ids, mask, 2),
+              portable.runner.begin(ids, mask, 2, 3)]
+    runners = [shared.runner, shared.runner, portable.runner]
+    hidden = [runner.prefill(state) for runner, state in zip(runners, states)]
+    rows = hidden[0].shape[0]
+    buffers = states[0].shared
+    orders = [np.array([1, 1, 2, 3]), np.array([0, 0, 3, 2]), np.arange(rows)[::-1].copy(), np.arange(rows),
+              np.array([2, 3, 0, 1])]
+    for step, order in enumerate(orders):
+        order = order % rows
+        tokens = np.full(rows, 11 + step)
+        hidden = [runner.decode_step(state, tokens, order) for runner, state in zip(runners, states)]
+        np.testing.assert_allclose(hidden[0], hidden[2], rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(hidden[1], hidden[2], rtol=1e-4, atol=1e-4)
+        if step < 2:  # within the 3 new tokens (and the start token) the request asked room for
+            assert states[0].shared is buffers
+    length = shared.runner.past_length(states[1])
+    assert states[1].shared[0].shape[2] >= length and shared.runner.past_length(states[0]) == length
+    np.testing.assert_allclose(np.stack(shared.runner.cache_arrays(states[1])),
+                               np.stack([v.numpy() for v in states[2].past]), rtol=1e-4, atol=1e-4)

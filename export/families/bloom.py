@@ -13,7 +13,8 @@ from onnx import TensorProto
 from ..graph import Graph, WeightPlan
 from ..weights import WeightSource, layer_renamer
 from . import Family, register_family
-from .common import Store, cache_fields, compare, embedding, head_logits, output_graphs
+from .common import (Store, cache_fields, cache_names, compare, decoder_forms, embedding, head_logits,
+                     output_graphs, run_decoder)
 
 
 def _norm(graph: Graph, x: str, name: str, w: dict, eps: float, skip: str | None = None) -> tuple[str, str]:
@@ -58,9 +59,11 @@ def build(config, w: WeightSource, store: Store, plan: WeightPlan) -> tuple[list
     slopes = graph.weight("alibi_slopes", _alibi_slopes(heads).reshape(1, heads, 1, 1))
     alibi = graph.op("Mul", [slopes, graph.op("Unsqueeze", [key_positions, graph.const([1, 2])])])
     # allowed[b, 1, q, k] = key is real and not in the future of the query
-    past_length = graph.shape_dim(past[0][0], 2)
+    # The mask spans the past and this step's tokens: the cache's own length axis is a capacity in the
+    # shared-buffer form (Graph.cached_attention)
     new_length = graph.shape_dim(input_ids, 1)
-    total_length = graph.op("Add", [past_length, new_length])
+    total_length = graph.shape_dim(attention_mask, 1)
+    past_length = graph.op("Sub", [total_length, new_length])
     query = graph.op("Range", [graph.op("Squeeze", [past_length]), graph.op("Squeeze", [total_length]),
                                graph.op("Squeeze", [one])])
     key = graph.op("Range", [graph.op("Squeeze", [zero]), graph.op("Squeeze", [total_length]),
@@ -70,6 +73,7 @@ def build(config, w: WeightSource, store: Store, plan: WeightPlan) -> tuple[list
     allowed = graph.op("And", [causal, real_key])  # [batch, 1, q, k]
 
     bias = graph.masked_bias(allowed, alibi)  # [batch, heads, q, k], shared by every layer
+    lengths = graph.cache_lengths(attention_mask)
 
     presents = []
     pending = None  # the last sublayer's output, added to the residual stream x by the next norm
@@ -84,10 +88,9 @@ def build(config, w: WeightSource, store: Store, plan: WeightPlan) -> tuple[list
         qkv_bias = qkv_bias.transpose(1, 0, 2).reshape(3 * hidden_size)
         qkv = graph.matmul(normed, f"{p}.self_attention.query_key_value", qkv_weight, qkv_bias)
         q, k, v = graph.op("Split", [qkv, graph.const([hidden_size] * 3)], outputs=3, axis=-1)
-        # The cache, reordered for beam search and extended by this step inside the graph.
-        k, v = [graph.append_cache(past[i][j], new, beam_idx, heads, head_dim) for j, new in enumerate((k, v))]
+        context, k, v = graph.cached_attention(q, k, v, past[i], beam_idx, bias, lengths, heads, head_dim,
+                                               1.0 / np.sqrt(head_dim), packed=qkv)
         presents.append((k, v))
-        context = graph.attention(q, k, v, bias, heads, 1.0 / np.sqrt(head_dim))
         attention = graph.matmul(context, f"{p}.self_attention.dense", w[f"{p}.self_attention.dense.weight"],
                                  w[f"{p}.self_attention.dense.bias"])
         normed, x = _norm(graph, attention, f"{p}.post_attention_layernorm", w, eps, skip=residual)
@@ -136,30 +139,26 @@ def validate(config, load_model, sessions: dict, fields: dict, rng: np.random.Ge
     gc.collect()  # transformers modules hold reference cycles: free the weights before the graphs run
     heads, head_dim = fields["cache"]["num_heads"], fields["cache"]["head_dim"]
     empty = np.zeros((batch, heads, 0, head_dim), dtype=np.float32)
-    session = sessions["decoder"]
-    names = [o.name for o in session.get_outputs()]
-    feeds = {"input_ids": input_ids[:, :prompt], "attention_mask": attention_mask[:, :prompt],
-             "beam_idx": np.arange(batch, dtype=np.int64)}
-    for i in range(config.n_layer):
-        feeds[f"past_key.{i}"] = feeds[f"past_value.{i}"] = empty
-    out = dict(zip(names, session.run(None, feeds)))
-    diffs: dict[str, dict] = {}
-    logits = head_logits(sessions, out["hidden"], diffs, "screen.no_past")
-    diffs["decoder.logits.no_past"] = compare(logits, reference.logits[:, prompt - 1].numpy())
-    feeds = {"input_ids": input_ids[:, prompt:], "attention_mask": attention_mask,
-             "beam_idx": np.arange(batch, dtype=np.int64)}
-    for i in range(config.n_layer):
-        feeds[f"past_key.{i}"] = out[f"present_key.{i}"]
-        feeds[f"past_value.{i}"] = out[f"present_value.{i}"]
-    out = dict(zip(names, session.run(None, feeds)))
-    logits = head_logits(sessions, out["hidden"], diffs, "screen.with_past")
-    diffs["decoder.logits.with_past"] = compare(logits, reference.logits[:, prompt].numpy())
+    presents = cache_names(fields)
     real = attention_mask.astype(bool)[:, None, :, None]  # padded positions hold no meaningful cache
-    for i in range(config.n_layer):
-        key, value = _layer_cache(reference.past_key_values, i, batch, heads, head_dim)
-        diffs[f"decoder.present_key.{i}"] = compare(out[f"present_key.{i}"], key, np.broadcast_to(real, key.shape))
-        diffs[f"decoder.present_value.{i}"] = compare(out[f"present_value.{i}"], value,
-                                                      np.broadcast_to(real, value.shape))
+    diffs: dict[str, dict] = {}
+    for form in decoder_forms(sessions):  # the portable graph and its shared-buffer form, each against PyTorch
+        feeds = {"input_ids": input_ids[:, :prompt], "attention_mask": attention_mask[:, :prompt],
+                 "beam_idx": np.arange(batch, dtype=np.int64)}
+        out = run_decoder(sessions, form, feeds, {name: empty for name in presents}, presents)
+        logits = head_logits(sessions, out["hidden"], diffs, "screen.no_past")
+        diffs[f"{form}.logits.no_past"] = compare(logits, reference.logits[:, prompt - 1].numpy())
+        feeds = {"input_ids": input_ids[:, prompt:], "attention_mask": attention_mask,
+                 "beam_idx": np.arange(batch, dtype=np.int64)}
+        out = run_decoder(sessions, form, feeds, {name: out[present] for name, present in presents.items()},
+                          presents)
+        logits = head_logits(sessions, out["hidden"], diffs, "screen.with_past")
+        diffs[f"{form}.logits.with_past"] = compare(logits, reference.logits[:, prompt].numpy())
+        for i in range(config.n_layer):
+            key, value = _layer_cache(reference.past_key_values, i, batch, heads, head_dim)
+            diffs[f"{form}.present_key.{i}"] = compare(out[f"present_key.{i}"], key, np.broadcast_to(real, key.shape))
+            diffs[f"{form}.present_value.{i}"] = compare(out[f"present_value.{i}"], value,
+                                                         np.broadcast_to(real, value.shape))
     return diffs
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..graph import MS_DOMAIN, Graph, WeightFile, WeightPlan, block_table, fp32_table, int8_columns_table
+from ..graph import SHARED_SUFFIX, MS_DOMAIN, Graph, WeightFile, WeightPlan, block_table, fp32_table, int8_columns_table
 from ..weights import WeightSource
 
 HEAD_WEIGHT = "lm_head"  # the output projection's name for keep-fp32 patterns, tied or not
@@ -115,6 +115,51 @@ def output_graphs(hidden_size: int, source: WeightSource, name: str, weights: We
     head.output(head.op("Gemm", [hidden, table], transB=1), "logits", TensorProto.FLOAT, ["batch", vocab])
     screen = build_screen(source, name, weights, key, WeightFile("screen.onnx.data").bind(weights.folder))
     return [(head, "head.onnx", "head"), (screen, "screen.onnx", "screen")]
+
+
+def decoder_forms(sessions: dict) -> list[str]:
+    """The decoder graphs written (the portable one, and its shared-buffer form where there is one)."""
+    return [role for role in ("decoder", "decoder" + SHARED_SUFFIX) if role in sessions]
+
+
+def run_decoder(sessions: dict, role: str, feeds: dict[str, np.ndarray], past: dict[str, np.ndarray],
+                presents: dict[str, str]) -> dict[str, np.ndarray]:
+    """One step of either decoder form: feeds (all but the cache), past {input: [batch, heads, length, d]},
+    presents {past input: its present output} -> every output by name, presents [batch, heads, length + new, d].
+    The shared-buffer form gets buffers with room to spare (capacity > total), as the runtime gives it."""
+    import onnxruntime as ort
+
+    session = sessions[role]
+    names = [o.name for o in session.get_outputs()]
+    if role == "decoder":
+        return dict(zip(names, session.run(None, {**feeds, **past})))
+    binding = session.io_binding()
+    for name, array in feeds.items():
+        if name != "beam_idx":  # the caller reorders: here every row continues its own
+            binding.bind_cpu_input(name, array)
+    length, new = next(iter(past.values())).shape[2], feeds["input_ids"].shape[1]
+    buffers = {}
+    for name, array in past.items():
+        buffer = np.zeros((*array.shape[:2], length + new + 3, array.shape[3]), array.dtype)
+        buffer[:, :, :length] = array
+        value = ort.OrtValue.ortvalue_from_numpy(buffer)
+        binding.bind_ortvalue_input(name, value)
+        binding.bind_ortvalue_output(presents[name], value)
+        buffers[presents[name]] = buffer
+    others = [name for name in names if name not in buffers]
+    for name in others:
+        binding.bind_output(name, "cpu")
+    session.run_with_iobinding(binding)
+    out = {name: value.numpy() for name, value in zip(others, binding.get_outputs()[len(buffers):])}
+    out.update({name: buffer[:, :, :length + new] for name, buffer in buffers.items()})
+    return out
+
+
+def cache_names(fields: dict) -> dict[str, str]:
+    """{past input: present output} of every layer, from the manifest's cache fields."""
+    cache = fields["cache"]
+    return {cache[f"past_{part}"].format(layer=i): cache[f"present_{part}"].format(layer=i)
+            for i in range(cache["num_layers"]) for part in ("key", "value")}
 
 
 def head_logits(sessions: dict, hidden: np.ndarray, diffs: dict, check: str) -> np.ndarray:

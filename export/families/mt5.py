@@ -14,7 +14,8 @@ from ..errors import UnsupportedModelError
 from ..graph import Graph, WeightPlan
 from ..weights import WeightSource, layer_renamer
 from . import Family, register_family
-from .common import Store, cache_fields, compare, embedding, head_logits, output_graphs
+from .common import (Store, cache_fields, cache_names, compare, decoder_forms, embedding, head_logits,
+                     output_graphs, run_decoder)
 
 ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh", "gelu", "relu")
 
@@ -134,9 +135,11 @@ def build(config, w: WeightSource, store: Store, plan: WeightPlan) -> tuple[list
     x = embedding(decoder, input_ids, w, "shared.weight", shared, "shared")
     cross_allowed = decoder.op("Cast", [decoder.op("Unsqueeze", [encoder_mask, decoder.const([1, 2])])],
                                to=TensorProto.BOOL)
-    past_length = decoder.shape_dim(past[0][0], 2)
+    # The mask spans the past and this step's tokens: the cache's own length axis is a capacity in the
+    # shared-buffer form (Graph.cached_attention)
     new_length = decoder.shape_dim(input_ids, 1)
-    total_length = decoder.op("Add", [past_length, new_length])
+    total_length = decoder.shape_dim(self_mask, 1)
+    past_length = decoder.op("Sub", [total_length, new_length])
     # The decoder's bias depends on max(query - key, 0) only; beyond max_distance it is constant.
     distances = -np.arange(0, max_distance + 1, dtype=np.int64)
     table = _bucket_table(w["decoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"], distances,
@@ -152,16 +155,16 @@ def build(config, w: WeightSource, store: Store, plan: WeightPlan) -> tuple[list
     cross_bias = decoder.op("Expand", [decoder.masked_bias(cross_allowed, None),
                                        decoder.op("Concat", [decoder.const([1, 1]), new_length, decoder.const([1])],
                                                   axis=0)])
+    lengths = decoder.cache_lengths(self_mask)
     presents = []
     pending = None
     for i in range(config.num_decoder_layers):
         p = f"decoder.block.{i}.layer"
         normed, x = _norm(decoder, x, f"{p}.0.layer_norm", w, eps, skip=pending)
         q, k, v = _projections(decoder, normed, f"{p}.0.SelfAttention", w)
-        # The cache, reordered for beam search and extended by this step inside the graph.
-        k, v = [decoder.append_cache(past[i][j], new, beam_idx, heads, head_dim) for j, new in enumerate((k, v))]
+        context, k, v = decoder.cached_attention(q, k, v, past[i], beam_idx, self_bias, lengths, heads, head_dim,
+                                                 1.0)  # T5 does not scale its scores
         presents.append((k, v))
-        context = decoder.attention(q, k, v, self_bias, heads, 1.0)
         attention = decoder.matmul(context, f"{p}.0.SelfAttention.o", w[f"{p}.0.SelfAttention.o.weight"])
         normed, x = _norm(decoder, attention, f"{p}.1.layer_norm", w, eps, skip=x)
         (q,) = _projections(decoder, normed, f"{p}.1.EncDecAttention", w, names=("q",))
@@ -241,27 +244,26 @@ def validate(config, load_model, sessions: dict, fields: dict, rng: np.random.Ge
     empty = np.zeros((batch, heads, 0, head_dim), dtype=np.float32)
     feeds = {"encoder_attention_mask": attention_mask, "beam_idx": np.arange(batch, dtype=np.int64)}
     for i in range(layers):
-        feeds[f"past_key.{i}"] = feeds[f"past_value.{i}"] = empty
         feeds[f"cross_key.{i}"] = onnx_cross[f"cross_key.{i}"]
         feeds[f"cross_value.{i}"] = onnx_cross[f"cross_value.{i}"]
-    # Without past: three tokens at once; with past: the fourth token on top of them.
-    first = dict(feeds, input_ids=decoder_ids[:, :3], attention_mask=decoder_mask[:, :3])
-    out = dict(zip([o.name for o in sessions["decoder"].get_outputs()], sessions["decoder"].run(None, first)))
-    logits = head_logits(sessions, out["hidden"], diffs, "screen.no_past")
-    diffs["decoder.logits.no_past"] = compare(logits, reference.logits[:, 2].numpy())
-    second = dict(feeds, input_ids=decoder_ids[:, 3:], attention_mask=decoder_mask)
-    for i in range(layers):
-        second[f"past_key.{i}"] = out[f"present_key.{i}"]
-        second[f"past_value.{i}"] = out[f"present_value.{i}"]
-    out = dict(zip([o.name for o in sessions["decoder"].get_outputs()], sessions["decoder"].run(None, second)))
-    logits = head_logits(sessions, out["hidden"], diffs, "screen.with_past")
-    diffs["decoder.logits.with_past"] = compare(logits, reference.logits[:, 3].numpy())
-    # A padded position's own cache entry is never attended to (and is arbitrary in both): compare the others.
-    attended = np.broadcast_to(decoder_mask[:, None, :, None].astype(bool), out["present_key.0"].shape)
-    for i in range(layers):
-        self_key, self_value = _self_layer(cache, i)
-        diffs[f"decoder.present_key.{i}"] = compare(out[f"present_key.{i}"], self_key, attended)
-        diffs[f"decoder.present_value.{i}"] = compare(out[f"present_value.{i}"], self_value, attended)
+    presents = cache_names(fields)
+    for form in decoder_forms(sessions):  # the portable graph and its shared-buffer form, each against PyTorch
+        # Without past: three tokens at once; with past: the fourth token on top of them.
+        first = dict(feeds, input_ids=decoder_ids[:, :3], attention_mask=decoder_mask[:, :3])
+        out = run_decoder(sessions, form, first, {name: empty for name in presents}, presents)
+        logits = head_logits(sessions, out["hidden"], diffs, "screen.no_past")
+        diffs[f"{form}.logits.no_past"] = compare(logits, reference.logits[:, 2].numpy())
+        second = dict(feeds, input_ids=decoder_ids[:, 3:], attention_mask=decoder_mask)
+        out = run_decoder(sessions, form, second, {name: out[present] for name, present in presents.items()},
+                          presents)
+        logits = head_logits(sessions, out["hidden"], diffs, "screen.with_past")
+        diffs[f"{form}.logits.with_past"] = compare(logits, reference.logits[:, 3].numpy())
+        # A padded position's own cache entry is never attended to (and is arbitrary in both): compare the others.
+        attended = np.broadcast_to(decoder_mask[:, None, :, None].astype(bool), out["present_key.0"].shape)
+        for i in range(layers):
+            self_key, self_value = _self_layer(cache, i)
+            diffs[f"{form}.present_key.{i}"] = compare(out[f"present_key.{i}"], self_key, attended)
+            diffs[f"{form}.present_value.{i}"] = compare(out[f"present_value.{i}"], self_value, attended)
     return diffs
 
 
