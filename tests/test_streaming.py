@@ -212,7 +212,7 @@ def test_export_quantize_keeps_what_it_is_told_and_records_it(family, tmp_path):
         variant = manifest["variants"][name]
         assert variant["quantization"]["kept_fp32"] == {"patterns": ["lm_head"],
                                                         "weights": {**{r: [] for r in variant["files"]
-                                                                       if r not in ("head", "screen")},
+                                                                       if r not in ("head", "screen", "decoder_shared")},
                                                                     "head": ["lm_head"]}}
         assert "screen" in variant["files"]
         assert load(output, variant=name).generate(input_ids=PROMPTS, max_new_tokens=3).sequences
