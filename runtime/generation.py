@@ -222,21 +222,27 @@ def _log_softmax_block(block: np.ndarray) -> None:
 _POOLS: dict[int, ThreadPoolExecutor] = {}
 
 
+def host_map(function: Callable, items: list, threads: int | None = None) -> None:
+    """function(item) for every item, on `threads` host threads (None: one per core) when there are several: for
+    numpy work that releases the GIL (ufuncs, copies), each item large enough to be worth a thread."""
+    threads = threads or os.cpu_count() or 1
+    if len(items) < 2 or threads < 2:
+        for item in items:
+            function(item)
+        return
+    if threads not in _POOLS:
+        _POOLS[threads] = ThreadPoolExecutor(threads, thread_name_prefix="xmtf-host")
+    list(_POOLS[threads].map(function, items))
+
+
 def log_softmax_inplace(scores: np.ndarray, rows_per_chunk: int = 4, threads: int | None = None) -> np.ndarray:
     """log_softmax of a float32 [rows, vocab] array, written over it.
 
     Rows are done a few at a time so that the exp temporary stays small, and the chunks of a large array go to
     `threads` threads (the model's; None: one per core; numpy's ufuncs release the GIL): at 8x4 beams over 250k
     tokens this was a third of mt0-small's step, single-threaded."""
-    threads = threads or os.cpu_count() or 1
     chunks = [scores[start:start + rows_per_chunk] for start in range(0, scores.shape[0], rows_per_chunk)]
-    if len(chunks) < 2 or scores.size < 1 << 20 or threads < 2:
-        for block in chunks:
-            _log_softmax_block(block)
-        return scores
-    if threads not in _POOLS:
-        _POOLS[threads] = ThreadPoolExecutor(threads, thread_name_prefix="xmtf-softmax")
-    list(_POOLS[threads].map(_log_softmax_block, chunks))
+    host_map(_log_softmax_block, chunks, threads if scores.size >= 1 << 20 else 1)
     return scores
 
 

@@ -12,6 +12,7 @@ the projection's bytes.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -19,6 +20,7 @@ import numpy as np
 import onnxruntime as ort
 
 from .errors import InferenceError
+from .generation import host_map
 from .manifest import Manifest
 from .session import DEFAULT_POLICY, log_softmax_model, small_session, top_k_model
 
@@ -122,9 +124,15 @@ class Runner:
         past = self.past_length(state)
         self._shared_buffers(state, rows, past + new)
         moved = np.flatnonzero(beam_idx != np.arange(rows))
-        if moved.size and past:
-            for buffer in state.shared:
-                buffer[moved, :, :past] = buffer[beam_idx[moved], :, :past]
+        if moved.size and past:  # each row that continues another beam takes its cache (numpy copies release the GIL)
+            sources = beam_idx[moved]
+            groups = np.array_split(np.arange(len(state.shared)), self.threads or os.cpu_count() or 1)
+
+            def reorder(group: np.ndarray) -> None:
+                for index in group:
+                    state.shared[index][moved, :, :past] = state.shared[index][sources, :, :past]
+
+            host_map(reorder, [group for group in groups if group.size], self.threads)
         state.past = [ort.OrtValue.ortvalue_from_numpy(buffer[:rows]) for buffer in state.shared]
         values.update(zip(self.past_names, state.past))
         outputs = _run(self.sessions["decoder"], "cpu", feeds, values, [], ["hidden"],

@@ -101,7 +101,8 @@ def test_rows_are_never_padded_and_cohorts_of_one_length_share_a_decoder_run(fam
         for cohort in batch.cohorts:
             # the fed tokens: BLOOM's prompt or mT5's start token, then every token but the latest
             fed = {(len(prompts[i]) if model.kind == "decoder" else 1) + len(got[i]) - 1 for i in cohort.owners}
-            assert len(fed) == 1 and model.runner.past_length(cohort.state) == cohort.state.attention_mask.shape[1] == fed.pop()
+            length = model.runner.past_length(cohort.state)
+            assert len(fed) == 1 and length == cohort.state.attention_mask.shape[1] == fed.pop()
             assert cohort.state.attention_mask.all()  # no padded position
             if cohort.state.encoder_mask is not None:
                 assert cohort.state.encoder_mask.all()
