@@ -43,6 +43,7 @@ class DecodeState:
     # which the first `length` positions hold the cache (None: `past` holds the cache at its own length)
     shared: list[np.ndarray] | None = None
     length: int = 0
+    common: int = 0  # cache positions every row of a prompt holds alike (a decoder's prompt, once beams branched)
 
 
 def _run(session: ort.InferenceSession, device: str, cpu_inputs: dict[str, np.ndarray],
@@ -126,11 +127,13 @@ class Runner:
         moved = np.flatnonzero(beam_idx != np.arange(rows))
         if moved.size and past:  # each row that continues another beam takes its cache (numpy copies release the GIL)
             sources = beam_idx[moved]
+            # beams of one prompt hold its positions alike: only what they generated differs
+            start = min(state.common, past) if (sources // state.expand == moved // state.expand).all() else 0
             groups = np.array_split(np.arange(len(state.shared)), self.threads or os.cpu_count() or 1)
 
             def reorder(group: np.ndarray) -> None:
                 for index in group:
-                    state.shared[index][moved, :, :past] = state.shared[index][sources, :, :past]
+                    state.shared[index][moved, :, start:past] = state.shared[index][sources, :, start:past]
 
             host_map(reorder, [group for group in groups if group.size], self.threads)
         state.past = [ort.OrtValue.ortvalue_from_numpy(buffer[:rows]) for buffer in state.shared]
@@ -214,7 +217,7 @@ class Runner:
         state.past = take(self.cache_arrays(state), slice(start, None))
         state.cross = take([v.numpy() for v in state.cross], source)
         state.attention_mask, state.input_ids = mask[:, start:], state.input_ids[rows]
-        state.buffers, state.capacity, state.shared = None, 0, None
+        state.buffers, state.capacity, state.shared, state.common = None, 0, None, 0
 
     def join(self, states: Sequence[DecodeState]) -> DecodeState:
         """The rows of the states in one: caches padded on the left to one length (masked there; ALiBi and mT5's
@@ -360,13 +363,16 @@ class DecoderRunner(Runner):
 
     def decode_step(self, state: DecodeState, tokens: np.ndarray, beam_idx: np.ndarray) -> np.ndarray:
         """tokens [rows], beam_idx [rows] -> hidden [rows, d]"""
-        if state.expand > 1 and state.past[0].shape()[0] != tokens.shape[0]:
-            # The cache still holds one row per prompt: row r of the expanded batch branches from r // expand.
+        branching = state.expand > 1 and state.past[0].shape()[0] != tokens.shape[0]
+        if branching:  # the cache still holds one row per prompt: row r of the expanded batch branches from r // expand
             beam_idx = beam_idx // state.expand
         rows = tokens.shape[0]
         self._attend_new(state, rows)
         feeds = {"input_ids": tokens.reshape(-1, 1), "attention_mask": state.attention_mask}
-        return self._decode(state, feeds, beam_idx)
+        hidden = self._decode(state, feeds, beam_idx)
+        if branching:
+            state.common = state.input_ids.shape[1]  # every row now holds its prompt's cache
+        return hidden
 
     def history(self, state: DecodeState) -> np.ndarray:
         """transformers' input_ids for the logits processors: the padded prompt, one row per beam/sample."""
