@@ -39,7 +39,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description=__doc__,
         epilog="examples:\n  xmtf-onnx bench --quick\n  xmtf-onnx bench --models bloomz-560m --settings 1x1,8x4\n"
                "  xmtf-onnx bench --backends xmtf,pytorch --new-tokens 16 --repeats 1\n"
-               "  xmtf-onnx bench large --help     # export cost and the large presets (mt0-xl ... bloomz-7b1)")
+               "  xmtf-onnx bench large --help     # export cost and the large presets (mt0-xl ... bloomz-7b1)\n"
+               "  xmtf-onnx bench profile --help   # where a decode step's time goes on this machine")
     parser.add_argument("--quick", action="store_true",
                         help=f"small grid (about 4 minutes and 3 GB of disk on 2 cores): {QUICK['models']} x "
                              f"{QUICK['settings']}, {QUICK['repeats']} rounds, xmtf fp32 and int8 against PyTorch fp32 "
@@ -416,6 +417,10 @@ def main(argv: list[str] | None = None) -> int:
         from .large import main as large_main
 
         return large_main(argv[1:])
+    if argv and argv[0] == "profile":  # where a decode step's time goes on this machine: bench profile --help
+        from .profile import main as profile_main
+
+        return profile_main(argv[1:])
     args = parse_args(argv)
     os.makedirs(args.work_dir, exist_ok=True)
     os.makedirs(args.out, exist_ok=True)

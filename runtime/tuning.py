@@ -176,7 +176,7 @@ def choose(ms_per_step: dict[str, float]) -> ThreadPolicy:
 def measure(policies=POLICIES, rounds: int = 5, steps: int = 8) -> dict[str, float]:
     """Median milliseconds of one synthetic decode step (a body session, then a head session) under each policy,
     the policies interleaved round by round; a pause after each lets a spinning pool go to sleep before the next."""
-    body, head = _synthetic_step()
+    body, head = synthetic_step()
     sessions = {}
     for policy in policies:
         sessions[policy.name] = (small_session(body, policy=policy), small_session(head, policy=policy))
@@ -199,11 +199,12 @@ def measure(policies=POLICIES, rounds: int = 5, steps: int = 8) -> dict[str, flo
     return {name: float(np.median(values)) for name, values in times.items()}
 
 
-def _synthetic_step(depth: int = 512, width: int = 384, blocks: int = 8, projections: int = 8, small_ops: int = 12,
-                    vocab: int = 16384) -> tuple[bytes, bytes]:
+def synthetic_step(depth: int = 512, width: int = 384, blocks: int = 8, projections: int = 8, small_ops: int = 12,
+                    vocab: int = 16384, fused: bool = False) -> list[bytes]:
     """Two models shaped like mt0-small's decoder step: body x [1, d] -> 8 blocks of 8 chained projections
     (d -> width -> d, as attention's q/k/v/o and the FFN's; each a parallel section of the pool) and small
-    element-wise ops (one thread each), then head [1, d] -> [1, vocab]."""
+    element-wise ops (one thread each), then head [1, d] -> [1, vocab]. fused: the same work as one model, x -> logits
+    (what a step would cost in one session)."""
     nodes, weights, x = [], {}, "x"
     for b in range(blocks):
         y = x
@@ -217,9 +218,13 @@ def _synthetic_step(depth: int = 512, width: int = 384, blocks: int = 8, project
             y = f"s{b}_{i}"
         nodes.append(("Tanh", [y], [f"x{b}"], {}))  # keeps values bounded
         x = f"x{b}"
+    projection = np.full((depth, vocab), 1 / depth, np.float32)
+    if fused:
+        nodes.append(("MatMul", [x, "projection"], ["logits"], {}))
+        return [small_model(nodes, [("x", FLOAT)], [("logits", FLOAT)], {**weights, "projection": projection},
+                            name="synthetic_step")]
     nodes.append(("Identity", [x], ["hidden"], {}))
     body = small_model(nodes, [("x", FLOAT)], [("hidden", FLOAT)], weights, name="synthetic_body")
-    projection = np.full((depth, vocab), 1 / depth, np.float32)
     head = small_model([("MatMul", ["x", "projection"], ["logits"], {})], [("x", FLOAT)], [("logits", FLOAT)],
                        {"projection": projection}, name="synthetic_head")
-    return body, head
+    return [body, head]

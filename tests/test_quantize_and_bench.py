@@ -226,3 +226,48 @@ def test_bench_large_run_on_a_tiny_export(bloom_export, tmp_path):
     assert run["variant"] == "fp32" and run["settings"]["2x2"]["tokens"] == 2 * 3
     assert run["rss_after_load"]["RssAnon"] > 0 and run["weight_bytes"] > 0
     assert report["read_bandwidth_bytes_per_second"] > 0
+
+
+def test_bench_profile_splits_the_step_and_restores_onnxruntime(family, tmp_path):
+    """The profile's plumbing on a tiny export: every session of a beam step is attributed, the parts add up to the
+    step, the profiler's runs are the measured generation's, and onnxruntime's class is left as it was."""
+    import onnxruntime as ort
+
+    from xmtf_onnx.benchmarks.profile import main as profile_main
+    from xmtf_onnx.runtime.session import POLICIES
+
+    saved = ort.InferenceSession.__init__, ort.InferenceSession.run, ort.InferenceSession.run_with_iobinding
+    new_tokens = 5
+    assert profile_main([str(family["export"]), "--setting", "2x2", "--new-tokens", str(new_tokens), "--rounds", "1",
+                         "--out", str(tmp_path)]) == 0
+    assert (ort.InferenceSession.__init__, ort.InferenceSession.run, ort.InferenceSession.run_with_iobinding) == saved
+    report = json.loads((tmp_path / "profile.json").read_text())
+    steps = report["steps"]
+    assert steps["steps"] == new_tokens - 1  # the first token comes from the prefill
+    assert steps["calls_per_step"]["decoder"] == 1 and steps["calls_per_step"]["head"] == 1
+    own = {label for label in steps["calls_per_step"] if label.endswith("(runtime's own)")}
+    assert own == {"logsoftmax (runtime's own)", "topk (runtime's own)"}  # beam search's two one-node sessions
+    assert steps["host_ms"] >= 0
+    assert abs(sum(steps["sessions_ms"].values()) + steps["host_ms"] - steps["step_ms"]) < 1e-6
+    decoder = report["ops"]["decoder"]
+    # one run per token, the first (the prompt, the first token) and the warm-up's left out
+    assert decoder["runs"] == new_tokens - 1 and decoder["unit"] == "step"
+    assert decoder["op_types"] and 0 < decoder["kernel_us"] <= decoder["run_us"]
+    assert sum(o["nodes"] for o in decoder["op_types"]) <= decoder["nodes"]
+    if family["name"] == "mt5":  # once per request
+        assert report["ops"]["encoder"]["runs"] == 1 and report["ops"]["encoder"]["unit"] == "request"
+    assert set(report["policies"]["policies"]) == set(report["sessions"]) == {p.name for p in POLICIES}
+    assert all(p["decode_tokens_per_second_median"] > 0 for p in report["policies"]["policies"].values())
+    text = (tmp_path / "profile.md").read_text()
+    assert "## 1. A decode step, by session" in text and "## 4. One session or two per step" in text
+
+
+def test_bench_profile_refuses_bad_options_and_missing_folders(tmp_path, capsys):
+    from xmtf_onnx.benchmarks.profile import main as profile_main
+
+    with pytest.raises(SystemExit) as raised:
+        profile_main([str(tmp_path), "--setting", "2y2"])
+    assert raised.value.code == 2 and "BATCHxBEAMS" in capsys.readouterr().err
+    out = tmp_path / "out"
+    assert profile_main([str(tmp_path / "absent"), "--out", str(out)]) == 1
+    assert "error:" in capsys.readouterr().err and not out.exists()
