@@ -6,10 +6,10 @@ limits it differs between kinds of machine: the bytes the MatMuls read, the kern
 CPU, or the time its thread pools take to wake up between the sessions of a step (expensive on a VM). This measures
 each of those in one process, on the same token ids, with the generated length forced (min = max new tokens):
 
-  1. the step under the thread policy load() gives (tuning.py), split by session: milliseconds per generated token
-     of every session's runs, and the host's share (numpy, IO binding, the choice of the token) as the rest;
-  2. per op type, from onnxruntime's own profiler (a separate run: the profiler adds its own time, so shares matter
-     more than the absolute figures), each session's largest op types and its largest single node;
+  1. the step under the thread policy load() gives (tuning.py), split by session: milliseconds per decode step of
+     every session's runs, and the host's share (numpy, IO binding, the choice of the token) as the rest;
+  2. per op type, from onnxruntime's own profiler (a separate run: the profiler adds a cost to every node, which
+     the report estimates, so small ops are an upper bound), each session's largest op types and largest node;
   3. the thread policies on this model (spinning while a run lasts, never, always; one thread), interleaved round by
      round: decode tokens/s and the per-token p50 / p90, which shows scheduling noise;
   4. one session or several per step: tuning's synthetic step (mt0-small's shapes) as one graph, and split into the

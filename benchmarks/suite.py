@@ -45,7 +45,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help=f"small grid (about 4 minutes and 3 GB of disk on 2 cores): {QUICK['models']} x "
                              f"{QUICK['settings']}, {QUICK['repeats']} rounds, xmtf fp32 and int8 against PyTorch fp32 "
                              "and CTranslate2 int8")
-    parser.add_argument("--models", help=f"comma-separated presets or checkpoint folders "
+    parser.add_argument("--models", help=f"comma-separated presets (NAME or preset:NAME) or checkpoint folders "
                                          f"(default {','.join(FULL['models'])})")
     parser.add_argument("--settings", help="comma-separated BATCHxBEAMS (default 1x1,1x4,8x1,8x4)")
     parser.add_argument("--backends", default=None,
@@ -90,6 +90,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     unknown = set(args.backends) - set(ALL_BACKENDS)
     if unknown:
         parser.error(f"unknown backend(s) {sorted(unknown)}; choose from {ALL_BACKENDS}")
+    args.models = [_model_entry(entry, parser) for entry in args.models]
     for setting in args.settings:
         try:
             batch, beams = map(int, setting.split("x"))
@@ -98,6 +99,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         except ValueError:
             parser.error(f"setting {setting!r} is not BATCHxBEAMS with positive integers (e.g. 8x4)")
     return args
+
+
+def _model_entry(entry: str, parser: argparse.ArgumentParser) -> str:
+    """A --models entry -> a checkpoint folder, or preset:NAME. preset:NAME is always the preset; a bare preset name
+    that is also a folder here (an export of that name, say) is the preset when the folder holds no checkpoint."""
+    from xmtf_onnx.export.presets import PRESETS
+
+    name = entry[len("preset:"):] if entry.startswith("preset:") else entry
+    export = os.path.isfile(os.path.join(entry, "xmtf_manifest.json"))
+    if entry.startswith("preset:") or not os.path.isdir(entry) or (export and name in PRESETS):
+        if name not in PRESETS:
+            parser.error(f"{entry!r} is neither a checkpoint folder nor a preset; presets: {', '.join(PRESETS)}")
+        if os.path.isdir(entry) and not entry.startswith("preset:"):
+            _log(f"note: the folder {entry} is an xmtf export, not a checkpoint: benchmarking the preset {name}")
+        return f"preset:{name}"
+    if export:
+        parser.error(f"{entry} is an xmtf export: the suite converts one checkpoint for every backend, so pass the "
+                     "checkpoint folder it came from or preset:NAME; `xmtf-onnx bench profile "
+                     f"{entry}` measures an export on its own")
+    return entry
 
 
 def _progress(iterable, enabled: bool, desc: str):
@@ -445,8 +466,9 @@ def main(argv: list[str] | None = None) -> int:
         _log(f"xmtf thread policy: {policy.name} ({record['source']}"
              + (f"; ms per synthetic step: {record['ms_per_step']}" if "ms_per_step" in record else "") + ")")
     for model in args.models:
-        # A preset name, or a checkpoint folder (the tests use tiny ones)
-        model_name = os.path.basename(os.path.normpath(model)) if os.path.isdir(model) else model
+        # preset:NAME, or a checkpoint folder (the tests use tiny ones)
+        preset = model[len("preset:"):] if model.startswith("preset:") else None
+        model_name = preset or os.path.basename(os.path.normpath(model))
         work = os.path.join(args.work_dir, model_name)
         os.makedirs(work, exist_ok=True)
         _log(f"== {model_name}: preparing checkpoint, export and rival conversions (cached in {work})")
@@ -455,13 +477,13 @@ def main(argv: list[str] | None = None) -> int:
         from xmtf_onnx.export.families import family_for_model_type, parameter_count
         from xmtf_onnx.export.presets import preset_config
 
-        if os.path.isdir(model):
+        if preset is None:
             checkpoint = model
         else:
-            config = preset_config(model)
+            config = preset_config(preset)
             large = parameter_count(family_for_model_type(config.model_type), config) >= 2e9
             dtype = "bfloat16" if args.quick or large else "float32"
-            checkpoint = prepare_checkpoint(model, os.path.join(work, f"checkpoint-{dtype}"), dtype)
+            checkpoint = prepare_checkpoint(preset, os.path.join(work, f"checkpoint-{dtype}"), dtype)
         export_dir = os.path.join(work, "xmtf")
         from xmtf_onnx.runtime.errors import ManifestError
         from xmtf_onnx.runtime.manifest import read_manifest

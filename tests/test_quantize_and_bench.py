@@ -271,3 +271,20 @@ def test_bench_profile_refuses_bad_options_and_missing_folders(tmp_path, capsys)
     out = tmp_path / "out"
     assert profile_main([str(tmp_path / "absent"), "--out", str(out)]) == 1
     assert "error:" in capsys.readouterr().err and not out.exists()
+
+
+def test_bench_models_tell_presets_checkpoints_and_exports_apart(mt5_checkpoint, tmp_path, monkeypatch, capsys):
+    from xmtf_onnx.benchmarks.suite import parse_args
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mt0-small").mkdir()  # an export named like the preset, where a user exported it
+    (tmp_path / "mt0-small" / "xmtf_manifest.json").write_text("{}")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "xmtf_manifest.json").write_text("{}")
+    models = parse_args(["--models", f"mt0-small,preset:bloomz-560m,{mt5_checkpoint}"]).models
+    assert models == ["preset:mt0-small", "preset:bloomz-560m", str(mt5_checkpoint)]
+    assert "is an xmtf export, not a checkpoint" in capsys.readouterr().err
+    for entry, message in (("mine", "bench profile mine"), ("preset:nosuch", "neither a checkpoint folder nor a preset")):
+        with pytest.raises(SystemExit) as raised:
+            parse_args(["--models", entry])
+        assert raised.value.code == 2 and message in capsys.readouterr().err
