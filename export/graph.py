@@ -118,6 +118,16 @@ class WeightFile:
             for row in range(columns.shape[0]):
                 os.pwrite(handle.fileno(), columns[row].tobytes(), placement.offset + (row * width + start) * item)
 
+    def rows_view(self, key: str, start: int, stop: int) -> str:
+        """Rows start:stop of the tensor written under `key`, as a tensor of their own over the same bytes (nothing
+        is written); returns its key."""
+        placement = self.placements[key]
+        row_bytes = placement.length // placement.shape[0]
+        view = f"{key}[{start}:{stop}]"
+        self.placements[view] = Placement(placement.offset + start * row_bytes, (stop - start) * row_bytes,
+                                          placement.dtype, (stop - start, *placement.shape[1:]))
+        return view
+
     def add(self, key: str, array: np.ndarray) -> None:
         array = np.ascontiguousarray(array)
         self.reserve(key, array.dtype, array.shape)

@@ -102,6 +102,42 @@ def _head_node(model: onnx.ModelProto, path: str) -> onnx.NodeProto:
                         "export the model again.")
 
 
+def _one_head_node(model: onnx.ModelProto, node: onnx.NodeProto, folder: str,
+                   tensors: dict[str, onnx.TensorProto]) -> onnx.NodeProto:
+    """A head written in row blocks (MatMulNBits nodes joined by a Concat: families/common.head_row_blocks) made one
+    MatMulNBits `node` over all rows, in place: its tensors are read, joined and held in the graph until the caller
+    writes them to the variant's file. A head of one node is returned as it is."""
+    concat = next((n for n in model.graph.node if n.op_type == "Concat"), None)
+    if concat is None:
+        return node
+    producers = {n.output[0]: n for n in model.graph.node if n.op_type == "MatMulNBits"}
+    parts = [producers[name] for name in concat.input]
+    first = parts[0]
+    for position in range(1, len(first.input)):
+        if first.input[position]:
+            arrays = [_tensor_array(tensors[part.input[position]], folder) for part in parts]
+            joined = np.concatenate(arrays, axis=0)
+            tensor = tensors[first.input[position]]
+            tensor.dims[:] = joined.shape
+            tensor.ClearField("external_data")
+            tensor.data_location = onnx.TensorProto.DEFAULT
+            tensor.raw_data = joined.tobytes()  # rewritten to the variant's file by the caller
+    for attribute in first.attribute:
+        if attribute.name == "N":
+            attribute.i = sum(t.dims[0] for t in (tensors[p.input[1]] for p in parts))
+    dropped = {name for part in parts[1:] for name in part.input[1:]}
+    first.output[0] = concat.output[0]
+    kept_nodes = [n for n in model.graph.node if n is first or (n.op_type not in ("MatMulNBits", "Concat"))]
+    del model.graph.node[:]
+    model.graph.node.extend(kept_nodes)
+    kept_tensors = [t for t in model.graph.initializer if t.name not in dropped]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept_tensors)
+    tensors.clear()
+    tensors.update({t.name: t for t in model.graph.initializer})
+    return next(n for n in model.graph.node if n.op_type == "MatMulNBits")
+
+
 def _restricted_quantized_head(head_path: str, kept: np.ndarray, target: str, vocab: int) -> None:
     """The base's quantized head with only the kept output rows: the stored bytes of those rows, copied.
     MatMulNBits keeps N rows of blocks (and their scales); any other head (DynamicQuantizeMatMul, MatMulInteger:
@@ -115,6 +151,7 @@ def _restricted_quantized_head(head_path: str, kept: np.ndarray, target: str, vo
     tensors = {tensor.name: tensor for tensor in model.graph.initializer}
     selected: dict[str, np.ndarray] = {}
     if node.op_type == "MatMulNBits":  # B [N, blocks, blob], scales [N * blocks] or [N, blocks], zero points by row
+        node = _one_head_node(model, node, source_folder, tensors)
         for attribute in node.attribute:
             if attribute.name == "N":
                 attribute.i = len(kept)

@@ -234,3 +234,37 @@ def test_the_name_typed_at_export_loads(family, tmp_path):
             == by_default.generate(input_ids=PROMPTS, max_new_tokens=3).sequences)
     with pytest.raises(ManifestError, match=r"no variant 'int4-weight'; it has int8-dynamic, int8 \(= int8-dynamic\)"):
         load(output, variant="int4-weight")
+
+
+def test_a_large_quantized_head_is_written_in_row_blocks(family, tmp_path, monkeypatch):
+    """A head above HEAD_BLOCK_BYTES becomes several MatMulNBits over page-aligned row ranges of the one stored table
+    (onnxruntime then holds one block twice while packing, not the whole head): the same logits and tokens as one
+    MatMulNBits, and a restricted variant of it keeps the base head's rows."""
+    import onnx
+
+    from xmtf_onnx.export.families import common
+    from xmtf_onnx.export.restrict import restrict
+
+    whole = export(str(family["checkpoint"]), tmp_path / "whole", quantize=["int4-weight"], fp32=False, progress=False)
+    monkeypatch.setattr(common, "HEAD_BLOCK_BYTES", 1)  # blocks of the fewest rows that fill whole pages
+    blocks = export(str(family["checkpoint"]), tmp_path / "blocks", quantize=["int4-weight"], fp32=False,
+                    progress=False)
+    head = onnx.load(os.path.join(blocks, "int4-weight", "head.onnx"), load_external_data=False).graph
+    parts = [node for node in head.node if node.op_type == "MatMulNBits"]
+    vocab = read_manifest(blocks).tokens["vocab_size"]
+    assert len(parts) == -(-vocab // 512) > 1 and [node.op_type for node in head.node].count("Concat") == 1
+    assert sum(a.i for node in parts for a in node.attribute if a.name == "N") == vocab
+    one, split = load(whole), load(blocks)
+    hidden = np.random.default_rng(0).standard_normal((3, one.runner.sessions["head"].get_inputs()[0].shape[1]))
+    hidden = hidden.astype(np.float32)
+    np.testing.assert_allclose(split.runner.logits(hidden), one.runner.logits(hidden), rtol=1e-6, atol=1e-6)
+    for options in (dict(max_new_tokens=6), dict(max_new_tokens=6, num_beams=3)):
+        assert split.generate(input_ids=PROMPTS, **options).sequences == one.generate(input_ids=PROMPTS, **options).sequences
+    ids = tmp_path / "ids.txt"
+    kept = sorted(set(range(0, vocab, 3)) | {0, 1, 2, 3})
+    ids.write_text(" ".join(map(str, kept)))
+    restrict(str(blocks), "r", token_ids=str(ids))
+    restricted = load(blocks, variant="r")
+    columns = restricted.runner.vocabulary.ids
+    np.testing.assert_allclose(restricted.runner.logits(hidden), split.runner.logits(hidden)[:, columns], rtol=1e-6,
+                               atol=1e-6)
