@@ -160,6 +160,9 @@ def _quantize_graph(source: str, target: str, mode: str, block_size: int,
         while _type_contrib_outputs(model):  # each round types what follows the contrib ops typed last round
             model = onnx.shape_inference.infer_shapes(model)
     onnx.load_external_data_for_model(model, os.path.dirname(os.path.abspath(source)))
+    from .restrict import join_head_blocks
+
+    join_head_blocks(model, os.path.dirname(os.path.abspath(source)))  # a head in row blocks is quantized as one
     _gemm_to_matmul(model)
     for node in model.graph.node:  # quantizers skip nameless nodes' exclusions; every node gets a name
         node.name = node.name or f"{node.op_type}_{id(node)}"

@@ -102,40 +102,37 @@ def _head_node(model: onnx.ModelProto, path: str) -> onnx.NodeProto:
                         "export the model again.")
 
 
-def _one_head_node(model: onnx.ModelProto, node: onnx.NodeProto, folder: str,
-                   tensors: dict[str, onnx.TensorProto]) -> onnx.NodeProto:
-    """A head written in row blocks (MatMulNBits nodes joined by a Concat: families/common.head_row_blocks) made one
-    MatMulNBits `node` over all rows, in place: its tensors are read, joined and held in the graph until the caller
-    writes them to the variant's file. A head of one node is returned as it is."""
-    concat = next((n for n in model.graph.node if n.op_type == "Concat"), None)
-    if concat is None:
-        return node
-    producers = {n.output[0]: n for n in model.graph.node if n.op_type == "MatMulNBits"}
-    parts = [producers[name] for name in concat.input]
+def join_head_blocks(model: onnx.ModelProto, folder: str) -> None:
+    """A head written in row blocks (one node per block, Gemm or MatMulNBits, joined by a Concat:
+    families/common.head_row_blocks) made one node over all rows, in place: the blocks' tensors are read, joined
+    along their rows and held in the graph (raw data) until the caller writes them. A head of one node is left as
+    it is."""
+    concat = next((n for n in model.graph.node if n.op_type == "Concat" and list(n.output) == ["logits"]), None)
+    producers = {n.output[0]: n for n in model.graph.node}
+    parts = [producers.get(name) for name in concat.input] if concat is not None else []
+    if not parts or any(part is None or part.op_type not in ("Gemm", "MatMulNBits") for part in parts):
+        return
+    tensors = {t.name: t for t in model.graph.initializer}
     first = parts[0]
     for position in range(1, len(first.input)):
-        if first.input[position]:
-            arrays = [_tensor_array(tensors[part.input[position]], folder) for part in parts]
-            joined = np.concatenate(arrays, axis=0)
+        if first.input[position] in tensors:
+            joined = np.concatenate([_tensor_array(tensors[part.input[position]], folder) for part in parts], axis=0)
             tensor = tensors[first.input[position]]
             tensor.dims[:] = joined.shape
             tensor.ClearField("external_data")
             tensor.data_location = onnx.TensorProto.DEFAULT
-            tensor.raw_data = joined.tobytes()  # rewritten to the variant's file by the caller
+            tensor.raw_data = joined.tobytes()
     for attribute in first.attribute:
         if attribute.name == "N":
-            attribute.i = sum(t.dims[0] for t in (tensors[p.input[1]] for p in parts))
+            attribute.i = sum(tensors[part.input[1]].dims[0] for part in parts)
     dropped = {name for part in parts[1:] for name in part.input[1:]}
     first.output[0] = concat.output[0]
-    kept_nodes = [n for n in model.graph.node if n is first or (n.op_type not in ("MatMulNBits", "Concat"))]
+    nodes = [n for n in model.graph.node if n is first or (n not in parts and n is not concat)]
     del model.graph.node[:]
-    model.graph.node.extend(kept_nodes)
-    kept_tensors = [t for t in model.graph.initializer if t.name not in dropped]
+    model.graph.node.extend(nodes)
+    kept = [t for t in model.graph.initializer if t.name not in dropped]
     del model.graph.initializer[:]
-    model.graph.initializer.extend(kept_tensors)
-    tensors.clear()
-    tensors.update({t.name: t for t in model.graph.initializer})
-    return next(n for n in model.graph.node if n.op_type == "MatMulNBits")
+    model.graph.initializer.extend(kept)
 
 
 def _restricted_quantized_head(head_path: str, kept: np.ndarray, target: str, vocab: int) -> None:
@@ -146,12 +143,12 @@ def _restricted_quantized_head(head_path: str, kept: np.ndarray, target: str, vo
     from .graph import WeightFile
 
     model = onnx.load(head_path, load_external_data=False)
-    node = _head_node(model, head_path)
     source_folder = os.path.dirname(head_path)
+    join_head_blocks(model, source_folder)
+    node = _head_node(model, head_path)
     tensors = {tensor.name: tensor for tensor in model.graph.initializer}
     selected: dict[str, np.ndarray] = {}
     if node.op_type == "MatMulNBits":  # B [N, blocks, blob], scales [N * blocks] or [N, blocks], zero points by row
-        node = _one_head_node(model, node, source_folder, tensors)
         for attribute in node.attribute:
             if attribute.name == "N":
                 attribute.i = len(kept)
@@ -192,6 +189,7 @@ def _restricted_fp32_head(head_path: str, kept: np.ndarray, target: str) -> list
     from .weights import ArraySource
 
     model = onnx.load(head_path, load_external_data=False)
+    join_head_blocks(model, os.path.dirname(head_path))
     node = _head_node(model, head_path)
     table = {tensor.name: tensor for tensor in model.graph.initializer}[node.input[1]]
     rows = np.asarray(_tensor_array(table, os.path.dirname(head_path))[kept], dtype=np.float32)  # [kept, d]

@@ -236,35 +236,43 @@ def test_the_name_typed_at_export_loads(family, tmp_path):
         load(output, variant="int4-weight")
 
 
-def test_a_large_quantized_head_is_written_in_row_blocks(family, tmp_path, monkeypatch):
-    """A head above HEAD_BLOCK_BYTES becomes several MatMulNBits over page-aligned row ranges of the one stored table
-    (onnxruntime then holds one block twice while packing, not the whole head): the same logits and tokens as one
-    MatMulNBits, and a restricted variant of it keeps the base head's rows."""
+@pytest.mark.parametrize("variant", ["fp32", "int4-weight"])
+def test_a_large_head_is_written_in_row_blocks(family, variant, tmp_path, monkeypatch):
+    """A head above 2 x HEAD_BLOCK_BYTES becomes several Gemm / MatMulNBits over page-aligned row ranges of the one
+    stored table (onnxruntime then holds one block twice while packing, not the whole head): the same logits and
+    tokens as one node (fp32: the greedy screen's exact rows too), a restricted variant keeps the base head's rows,
+    and `xmtf-onnx quantize` of an fp32 folder in blocks gives the head it gives from one Gemm."""
     import onnx
 
     from xmtf_onnx.export.families import common
+    from xmtf_onnx.export.quantize import quantize_folder
     from xmtf_onnx.export.restrict import restrict
 
-    whole = export(str(family["checkpoint"]), tmp_path / "whole", quantize=["int4-weight"], fp32=False, progress=False)
+    options = dict(quantize=[variant], fp32=False) if variant != "fp32" else {}
+    whole = export(str(family["checkpoint"]), tmp_path / "whole", progress=False, **options)
     monkeypatch.setattr(common, "HEAD_BLOCK_BYTES", 1)  # blocks of the fewest rows that fill whole pages
-    blocks = export(str(family["checkpoint"]), tmp_path / "blocks", quantize=["int4-weight"], fp32=False,
-                    progress=False)
-    head = onnx.load(os.path.join(blocks, "int4-weight", "head.onnx"), load_external_data=False).graph
-    parts = [node for node in head.node if node.op_type == "MatMulNBits"]
+    blocks = export(str(family["checkpoint"]), tmp_path / "blocks", progress=False, **options)
+    folder = "" if variant == "fp32" else variant
+    head = onnx.load(os.path.join(blocks, folder, "head.onnx"), load_external_data=False).graph
+    parts = [node for node in head.node if node.op_type != "Concat"]
     vocab = read_manifest(blocks).tokens["vocab_size"]
-    assert len(parts) == -(-vocab // 512) > 1 and [node.op_type for node in head.node].count("Concat") == 1
-    assert sum(a.i for node in parts for a in node.attribute if a.name == "N") == vocab
-    one, split = load(whole), load(blocks)
+    rows_per_block = 512 if variant != "fp32" else 128  # d = 40: int4 scales fill pages in 512 rows, fp32 rows in 128
+    assert len(parts) == -(-vocab // rows_per_block) > 1 and [n.op_type for n in head.node].count("Concat") == 1
+    one, split = load(whole, variant=variant), load(blocks, variant=variant)
     hidden = np.random.default_rng(0).standard_normal((3, one.runner.sessions["head"].get_inputs()[0].shape[1]))
     hidden = hidden.astype(np.float32)
     np.testing.assert_allclose(split.runner.logits(hidden), one.runner.logits(hidden), rtol=1e-6, atol=1e-6)
-    for options in (dict(max_new_tokens=6), dict(max_new_tokens=6, num_beams=3)):
-        assert split.generate(input_ids=PROMPTS, **options).sequences == one.generate(input_ids=PROMPTS, **options).sequences
+    for generation in (dict(max_new_tokens=6), dict(max_new_tokens=6, num_beams=3)):
+        assert split.generate(input_ids=PROMPTS, **generation).sequences == \
+            one.generate(input_ids=PROMPTS, **generation).sequences
     ids = tmp_path / "ids.txt"
-    kept = sorted(set(range(0, vocab, 3)) | {0, 1, 2, 3})
-    ids.write_text(" ".join(map(str, kept)))
-    restrict(str(blocks), "r", token_ids=str(ids))
+    ids.write_text(" ".join(map(str, sorted(set(range(0, vocab, 3)) | {0, 1, 2, 3}))))
+    restrict(str(blocks), "r", token_ids=str(ids), variant=variant)
     restricted = load(blocks, variant="r")
-    columns = restricted.runner.vocabulary.ids
-    np.testing.assert_allclose(restricted.runner.logits(hidden), split.runner.logits(hidden)[:, columns], rtol=1e-6,
-                               atol=1e-6)
+    np.testing.assert_allclose(restricted.runner.logits(hidden),
+                               split.runner.logits(hidden)[:, restricted.runner.vocabulary.ids], rtol=1e-6, atol=1e-6)
+    if variant == "fp32":
+        for target in (whole, blocks):
+            quantize_folder(str(target), "int4-weight")
+        quantized = [load(target, variant="int4-weight").runner.logits(hidden) for target in (whole, blocks)]
+        np.testing.assert_array_equal(quantized[1], quantized[0])

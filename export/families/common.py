@@ -83,16 +83,17 @@ def embedding(graph: Graph, ids: str, source: WeightSource, name: str, weights: 
     return rows
 
 
-HEAD_BLOCK_BYTES = 64 << 20  # the most bytes of a quantized head onnxruntime packs as one weight (see head_row_blocks)
+HEAD_BLOCK_BYTES = 64 << 20  # the most bytes of a head onnxruntime packs as one weight (see head_row_blocks)
 
 
 def head_row_blocks(*tables: Placement) -> list[tuple[int, int]]:
     """Row ranges splitting the head's tables (same rows, [V, ...] each) into MatMuls of at most HEAD_BLOCK_BYTES.
     onnxruntime packs each weight into a copy of its own and releases the mapped original once it is packed, so a
-    load holds one weight twice at a time: the whole head (bloomz-560m int4 160 MB, bloomz-7b1 640 MB) set its peak
-    RSS. Each range starts on a page of every table, so onnxruntime still memory-maps it. A head of at most two
-    blocks stays one MatMul: the Concat of the blocks' logits costs a copy and, while it runs, a second buffer of
-    logits (bloomz-560m int4 at 8x4 beams: +50 MB of peak RSS and 3% of the step, for 120 MB less at load)."""
+    load holds one weight twice at a time: the whole head (bloomz-560m 1 GB in fp32, 160 MB in int4; bloomz-7b1 640 MB
+    in int4) set its peak RSS. Each range starts on a page of every table, so onnxruntime still memory-maps it. A
+    head of at most two blocks stays one MatMul: the Concat of the blocks' logits costs a copy and, while it runs, a
+    second buffer of logits (bloomz-560m int4 at 8x4 beams: +50 MB of peak RSS and 3% of the step, for 120 MB less
+    at load)."""
     vocab = tables[0].shape[0]
     rows_per_page = max(PAGE // math.gcd(PAGE, t.length // vocab) for t in tables)  # rows whose bytes fill pages
     row_bytes = sum(t.length // vocab for t in tables)
@@ -100,6 +101,11 @@ def head_row_blocks(*tables: Placement) -> list[tuple[int, int]]:
         return [(0, vocab)]
     step = max(rows_per_page, HEAD_BLOCK_BYTES // row_bytes // rows_per_page * rows_per_page)
     return [(start, min(vocab, start + step)) for start in range(0, vocab, step)]
+
+
+def _joined(graph: Graph, parts: list[str]) -> str:
+    """The logits of the head's row blocks, side by side."""
+    return parts[0] if len(parts) == 1 else graph.op("Concat", parts, axis=-1)
 
 
 def output_graphs(hidden_size: int, source: WeightSource, name: str, weights: WeightFile, key: str,
@@ -126,19 +132,25 @@ def output_graphs(hidden_size: int, source: WeightSource, name: str, weights: We
             blocks = weights.placements[base + ".scales"].shape[1]
             parts = []
             for start, stop in head_row_blocks(weights.placements[base], weights.placements[base + ".scales"]):
-                table, scales = (weights.rows_view(k, start, stop) for k in (base, base + ".scales"))
+                whole = (start, stop) == (0, vocab)
+                table, scales = (k if whole else weights.rows_view(k, start, stop) for k in (base, base + ".scales"))
                 parts.append(head.op("MatMulNBits", [hidden, head.refer(table, weights, table),
                                                      head.refer(scales, weights, scales, ((stop - start) * blocks,))],
                                      domain=MS_DOMAIN, K=hidden_size, N=stop - start, bits=plan.bits,
                                      block_size=plan.block_size, accuracy_level=4))
-            logits = parts[0] if len(parts) == 1 else head.op("Concat", parts, axis=-1)
+            logits = _joined(head, parts)
         head.output(logits, "logits", TensorProto.FLOAT, ["batch", vocab])
         return [(head, "head.onnx", "head")]
     if plan.mode != "fp32":
         head.kept_fp32.append(HEAD_WEIGHT)
-    table = head.refer(key, weights, fp32_table(weights, key, source, name))
+    table = fp32_table(weights, key, source, name)
     # Gemm with transB reads the weight in PyTorch's [V, d] layout (a tied embedding is stored once)
-    head.output(head.op("Gemm", [hidden, table], transB=1), "logits", TensorProto.FLOAT, ["batch", vocab])
+    parts = []
+    for start, stop in head_row_blocks(weights.placements[table]):
+        whole = (start, stop) == (0, vocab)
+        rows = table if whole else weights.rows_view(table, start, stop)
+        parts.append(head.op("Gemm", [hidden, head.refer(key if whole else rows, weights, rows)], transB=1))
+    head.output(_joined(head, parts), "logits", TensorProto.FLOAT, ["batch", vocab])
     screen = build_screen(source, name, weights, key, WeightFile("screen.onnx.data").bind(weights.folder))
     return [(head, "head.onnx", "head"), (screen, "screen.onnx", "screen")]
 
