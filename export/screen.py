@@ -87,9 +87,18 @@ def build_screen(source: WeightSource, name: str, table_file: WeightFile, table_
 
     hidden = graph.input("hidden", TensorProto.FLOAT, ["batch", depth])
     candidates = graph.input("candidates", TensorProto.INT64, [1])
-    approx = graph.op("MatMulNBits", [hidden, graph.refer("screen.weight_q8", screen_file, "screen.weight_q8"),
-                                      graph.refer("screen.scales", screen_file, "screen.scales")],
-                      domain=MS_DOMAIN, K=depth, N=vocab, bits=BITS, block_size=BLOCK_SIZE, accuracy_level=4)
+    from .families.common import head_row_blocks, joined
+
+    parts = []  # the 8-bit copy is the largest weight of an fp32 model's load: in row blocks as the head (see there)
+    for start, stop in head_row_blocks(*(screen_file.placements[k] for k in ("screen.weight_q8", "screen.scales"))):
+        whole = (start, stop) == (0, vocab)
+        table = "screen.weight_q8" if whole else screen_file.rows_view("screen.weight_q8", start, stop)
+        scales = "screen.scales" if whole else screen_file.rows_view("screen.scales", start * blocks, stop * blocks)
+        parts.append(graph.op("MatMulNBits", [hidden, graph.refer(table, screen_file, table),
+                                              graph.refer(scales, screen_file, scales)],
+                              domain=MS_DOMAIN, K=depth, N=stop - start, bits=BITS, block_size=BLOCK_SIZE,
+                              accuracy_level=4))
+    approx = joined(graph, parts)  # [batch, V]
     norm = graph.op("Sqrt", [graph.op("ReduceSumSquare", [hidden], axes=[-1], keepdims=1)])  # [batch, 1]
     peak = graph.op("ReduceMax", [graph.op("Abs", [hidden])], axes=[-1], keepdims=1)  # [batch, 1]
     delta = graph.op("Add", [graph.op("Mul", [peak, graph.const(np.float32(np.sqrt(depth) / 127), np.float32)]),

@@ -271,7 +271,12 @@ def test_a_large_head_is_written_in_row_blocks(family, variant, tmp_path, monkey
     restricted = load(blocks, variant="r")
     np.testing.assert_allclose(restricted.runner.logits(hidden),
                                split.runner.logits(hidden)[:, restricted.runner.vocabulary.ids], rtol=1e-6, atol=1e-6)
-    if variant == "fp32":
+    if variant == "fp32":  # the greedy screen's 8-bit copy is in blocks too, and certifies the same
+        screen = onnx.load(os.path.join(blocks, "screen.onnx"), load_external_data=False).graph
+        assert [n.op_type for n in screen.node].count("MatMulNBits") > 1
+        for expected, got in zip(one.runner.screen(hidden, 8), split.runner.screen(hidden, 8)):
+            np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
+        assert split.generate(input_ids=PROMPTS, max_new_tokens=6).metrics["screened_rows"] > 0
         for target in (whole, blocks):
             quantize_folder(str(target), "int4-weight")
         quantized = [load(target, variant="int4-weight").runner.logits(hidden) for target in (whole, blocks)]

@@ -103,8 +103,8 @@ def head_row_blocks(*tables: Placement) -> list[tuple[int, int]]:
     return [(start, min(vocab, start + step)) for start in range(0, vocab, step)]
 
 
-def _joined(graph: Graph, parts: list[str]) -> str:
-    """The logits of the head's row blocks, side by side."""
+def joined(graph: Graph, parts: list[str]) -> str:
+    """The outputs of a projection's row blocks (head_row_blocks), side by side."""
     return parts[0] if len(parts) == 1 else graph.op("Concat", parts, axis=-1)
 
 
@@ -138,7 +138,7 @@ def output_graphs(hidden_size: int, source: WeightSource, name: str, weights: We
                                                      head.refer(scales, weights, scales, ((stop - start) * blocks,))],
                                      domain=MS_DOMAIN, K=hidden_size, N=stop - start, bits=plan.bits,
                                      block_size=plan.block_size, accuracy_level=4))
-            logits = _joined(head, parts)
+            logits = joined(head, parts)
         head.output(logits, "logits", TensorProto.FLOAT, ["batch", vocab])
         return [(head, "head.onnx", "head")]
     if plan.mode != "fp32":
@@ -150,7 +150,7 @@ def output_graphs(hidden_size: int, source: WeightSource, name: str, weights: We
         whole = (start, stop) == (0, vocab)
         rows = table if whole else weights.rows_view(table, start, stop)
         parts.append(head.op("Gemm", [hidden, head.refer(key if whole else rows, weights, rows)], transB=1))
-    head.output(_joined(head, parts), "logits", TensorProto.FLOAT, ["batch", vocab])
+    head.output(joined(head, parts), "logits", TensorProto.FLOAT, ["batch", vocab])
     screen = build_screen(source, name, weights, key, WeightFile("screen.onnx.data").bind(weights.folder))
     return [(head, "head.onnx", "head"), (screen, "screen.onnx", "screen")]
 
