@@ -17,7 +17,7 @@ from .generation import (GenerationConfig, Hypothesis, StepTimer, Vocabulary, ru
                          run_sampling, sample_tokens)
 from .manifest import OPTIONAL_ROLES, ROLES, SHARED_DECODER, Manifest, read_manifest
 from .runners import RUNNERS
-from .session import DEFAULT_POLICY, advise_random_access, make_session, resolve_provider
+from .session import DEFAULT_POLICY, advise_random_access, make_session, page_out_weights, resolve_provider
 from .tuning import machine_policy
 
 OPTION_NAMES = ("max_new_tokens", "min_new_tokens", "eos_token_id", "pad_token_id", "stop_strings", "num_beams",
@@ -77,13 +77,17 @@ class Model:
         # How the CPU sessions' threads spin, and how many there are when `threads` is None: measured once per
         # machine (tuning.py); caller-made session options and GPU sessions keep the built-in default.
         self.thread_policy = machine_policy() if session_options is None and on_cpu else DEFAULT_POLICY
-        self.sessions = {role: make_session(manifest.path(entry["files"][files[role]]["path"]), provider, threads,
-                                            session_options, prepacked_cache, self.thread_policy)
-                         for role in roles}
+        weight_files = [manifest.path(item["path"]) for file in entry["files"].values() for item in file.get("data", [])]
+        own_options = session_options is None and on_cpu  # the weights onnxruntime packs: see the two functions
+        self.sessions = {}
+        for role in roles:
+            self.sessions[role] = make_session(manifest.path(entry["files"][files[role]]["path"]), provider, threads,
+                                               session_options, prepacked_cache, self.thread_policy)
+            if own_options:
+                page_out_weights(weight_files)
         self._files = files
-        if session_options is None and on_cpu:  # packed weights: see the function
-            advise_random_access([manifest.path(item["path"]) for file in entry["files"].values()
-                                  for item in file.get("data", [])])
+        if own_options:
+            advise_random_access(weight_files)
         self._check_io()
         self.runner = RUNNERS[self.kind](manifest, self.sessions, self.device, shared_cache=shared)
         self.runner.threads = threads  # the host-side work (log-softmax over beams) uses as many threads

@@ -159,6 +159,53 @@ def test_weight_files_mapped_for_random_reads(mt5_export):
     assert mapped and all(flag == "True" for _, flag in mapped)
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="madvise is Linux-only")
+def test_weight_pages_are_paged_out_after_load(bloom_export):
+    """What onnxruntime leaves mapped of the weight files after making the sessions is paged out (nothing of them
+    resident before the first run), where the kernel has MADV_PAGEOUT (probed on a file of its own first); the
+    outputs are those of a load without it (a fresh process each)."""
+    script = textwrap.dedent(f"""
+        import mmap, os, sys, tempfile
+        from xmtf_onnx.runtime import load, session
+
+        def resident(paths):  # kB of these files' mappings in memory
+            total, current = 0, None
+            for line in open("/proc/self/smaps", encoding="utf-8"):
+                fields = line.split()
+                if fields and not fields[0].endswith(":"):
+                    current = fields[5] if len(fields) >= 6 else None
+                elif fields[:1] == ["Rss:"] and current in paths:
+                    total += int(fields[1])
+            return total
+
+        with tempfile.NamedTemporaryFile() as probe:  # does this kernel page out a mapped file page?
+            probe.write(b"x" * mmap.PAGESIZE)
+            probe.flush()
+            view = mmap.mmap(probe.fileno(), mmap.PAGESIZE, prot=mmap.PROT_READ)
+            view[0]
+            session.page_out_weights([probe.name])
+            supported = resident({{os.path.realpath(probe.name)}}) == 0
+            view.close()
+        if sys.argv[1] == "off":
+            import xmtf_onnx.runtime.model as model_module
+            model_module.page_out_weights = lambda paths: None
+        model = load({str(bloom_export)!r})
+        data = {{os.path.realpath(model.manifest.path(item["path"])) for file in
+                model.manifest.variant(model.variant)["files"].values() for item in file.get("data", [])}}
+        pages = resident(data)
+        out = model.generate(input_ids=[[5, 6, 7], [9, 10]], max_new_tokens=5, num_beams=2)
+        print(supported, pages, out.sequences)
+    """)
+    runs = {}
+    for mode in ("on", "off"):
+        result = subprocess.run([sys.executable, "-c", script, mode], capture_output=True, text=True, check=True)
+        supported, resident, sequences = result.stdout.strip().split(" ", 2)
+        runs[mode] = (supported == "True", int(resident), sequences)
+    assert runs["on"][2] == runs["off"][2], runs
+    if runs["on"][0]:
+        assert runs["on"][1] == 0 < runs["off"][1]
+
+
 def test_manifest_checked_against_sessions(copy_of):
     def change(data):
         data["cache"]["head_dim"] = 9
