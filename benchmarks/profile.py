@@ -37,7 +37,7 @@ from xmtf_onnx.runtime import load
 from xmtf_onnx.runtime.errors import XmtfError
 from xmtf_onnx.runtime.generation import StepTimer
 from xmtf_onnx.runtime.session import POLICIES, default_options, small_session
-from xmtf_onnx.runtime.tuning import ENV_POLICY, synthetic_step, policy_and_record
+from xmtf_onnx.runtime.tuning import ENV_POLICY, policy_and_record, synthetic_step, time_chains
 
 
 class SessionClock:
@@ -291,28 +291,11 @@ def session_split(rounds: int = 7, steps: int = 16) -> dict:
     """Section 4: tuning's synthetic decode step (mt0-small's shapes: 64 projections and small ops, then a 16k-row
     head) run as one session, and as two (body, then head) as a real step runs, under each policy; the policies and
     both forms interleaved, medians of `rounds`. The difference is what one more session per step costs."""
-    x = np.random.default_rng(0).standard_normal((1, 512)).astype(np.float32)  # [1, d]
     forms = {"one": synthetic_step(fused=True), "two": synthetic_step()}
-    sessions = {(policy.name, form): [small_session(graph, policy=policy) for graph in graphs]
-                for policy in POLICIES for form, graphs in forms.items()}
-
-    def step(chain: list[ort.InferenceSession]) -> None:
-        value = x
-        for session in chain:
-            value = session.run(None, {"x": value})[0]
-
-    times = defaultdict(list)
-    for chain in sessions.values():
-        step(chain)  # the first run allocates
-    for _ in range(rounds):
-        for key, chain in sessions.items():
-            began = time.perf_counter()
-            for _ in range(steps):
-                step(chain)
-            times[key].append((time.perf_counter() - began) / steps * 1e3)
-            time.sleep(0.02)  # a spinning pool goes to sleep before the next
-    return {policy.name: {"one_session_ms": float(np.median(times[(policy.name, "one")])),
-                          "two_sessions_ms": float(np.median(times[(policy.name, "two")]))} for policy in POLICIES}
+    ms = time_chains({(policy.name, form): [small_session(graph, policy=policy) for graph in graphs]
+                      for policy in POLICIES for form, graphs in forms.items()}, rounds, steps)
+    return {policy.name: {"one_session_ms": ms[(policy.name, "one")], "two_sessions_ms": ms[(policy.name, "two")]}
+            for policy in POLICIES}
 
 
 def render(report: dict) -> str:

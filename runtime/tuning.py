@@ -175,28 +175,34 @@ def choose(ms_per_step: dict[str, float]) -> ThreadPolicy:
 
 def measure(policies=POLICIES, rounds: int = 5, steps: int = 8) -> dict[str, float]:
     """Median milliseconds of one synthetic decode step (a body session, then a head session) under each policy,
-    the policies interleaved round by round; a pause after each lets a spinning pool go to sleep before the next."""
-    body, head = synthetic_step()
-    sessions = {}
-    for policy in policies:
-        sessions[policy.name] = (small_session(body, policy=policy), small_session(head, policy=policy))
-    x = np.random.default_rng(0).standard_normal((1, 512)).astype(np.float32)  # [1, d]
+    the policies interleaved round by round (time_chains)."""
+    graphs = synthetic_step()
+    return time_chains({policy.name: [small_session(graph, policy=policy) for graph in graphs] for policy in policies},
+                       rounds, steps)
 
-    def step(pair) -> None:
-        hidden = pair[0].run(None, {"x": x})[0]
-        pair[1].run(None, {"x": hidden})
 
-    times: dict[str, list[float]] = {name: [] for name in sessions}
-    for pair in sessions.values():
-        step(pair)  # warm-up: the first run allocates
+def time_chains(chains: dict, rounds: int = 5, steps: int = 8, depth: int = 512) -> dict:
+    """Median milliseconds of a step of each chain of sessions (each run's output "x" -> the next one's input, from
+    x [1, depth]), the chains interleaved round by round; a pause after each lets a spinning pool go to sleep before
+    the next."""
+    x = np.random.default_rng(0).standard_normal((1, depth)).astype(np.float32)  # [1, d]
+
+    def step(chain) -> None:
+        value = x
+        for session in chain:
+            value = session.run(None, {"x": value})[0]
+
+    times: dict = {key: [] for key in chains}
+    for chain in chains.values():
+        step(chain)  # warm-up: the first run allocates
     for _ in range(rounds):
-        for name, pair in sessions.items():
+        for key, chain in chains.items():
             start = time.perf_counter()
             for _ in range(steps):
-                step(pair)
-            times[name].append((time.perf_counter() - start) / steps * 1e3)
+                step(chain)
+            times[key].append((time.perf_counter() - start) / steps * 1e3)
             time.sleep(0.02)
-    return {name: float(np.median(values)) for name, values in times.items()}
+    return {key: float(np.median(values)) for key, values in times.items()}
 
 
 def synthetic_step(depth: int = 512, width: int = 384, blocks: int = 8, projections: int = 8, small_ops: int = 12,
