@@ -275,15 +275,17 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("output", metavar="OUTPUT", help="the folder to create")
     export.add_argument("--force", action="store_true", help="replace OUTPUT if it exists")
     export.add_argument("--quantize", action="append", metavar="MODE",
-                        help="also write a quantized variant (repeatable): int8 (fastest CPU int8), "
-                             "int8-dynamic, int8-weight, int4-weight, fp16 (for CUDA)")
+                        help="also write a quantized variant (repeatable): int8 (= int8-dynamic, the fastest CPU "
+                             "int8 for batches and beams), int8-weight (the fastest int8 at batch 1; CPU and CUDA), "
+                             "int4-weight, fp16 (for CUDA)")
     export.add_argument("--tolerance", type=float, default=1e-3,
                         help="max |ONNX - PyTorch| relative to max(1, |PyTorch|) (default 1e-3)")
     export.add_argument("--no-fp32", action="store_true",
                         help="write only the quantized variant(s), straight from the checkpoint: no fp32 graphs are "
                              "written or held (the large models: mt0-xl, mt0-xxl, bloomz-3b, bloomz-7b1)")
     export.add_argument("--block-size", type=int, default=None,
-                        help="block size of the weight-only modes (MatMulNBits; default 32)")
+                        help="weights per scale in the weight-only modes (MatMulNBits; a power of two >= 16; default "
+                             "128, 32 for mT5's int4-weight)")
     export.add_argument("--keep-fp32", default=None, metavar="PATTERNS",
                         help="comma-separated globs of weight names kept fp32 in quantized variants ('' for none; "
                              "default: mT5's '*DenseReluDense.wo' for int8-dynamic and fp16, none for the weight-only "
@@ -374,11 +376,12 @@ def build_parser() -> argparse.ArgumentParser:
                                    description="Add quantized variants to FOLDER, recorded in its manifest.")
     quantize.add_argument("folder", metavar="FOLDER")
     quantize.add_argument("--mode", action="append", required=True,
-                          help="int8 (fastest CPU int8), int8-dynamic, int8-weight, int4-weight, "
-                               "fp16 (for CUDA); repeatable")
+                          help="int8 (= int8-dynamic, the fastest CPU int8 for batches and beams), int8-weight (the "
+                               "fastest int8 at batch 1; CPU and CUDA), int4-weight, fp16 (for CUDA); repeatable")
     quantize.add_argument("--force", action="store_true", help="replace a variant that exists")
-    quantize.add_argument("--block-size", type=int, default=32,
-                          help="weights per scale for int8-weight / int4-weight (power of two >= 16; default 32)")
+    quantize.add_argument("--block-size", type=int, default=None,
+                          help="weights per scale for int8-weight / int4-weight (power of two >= 16; default 128, 32 "
+                               "for mT5's int4-weight)")
     quantize.add_argument("--keep-fp32", metavar="PATTERNS",
                           help="comma-separated weight-name globs whose MatMuls stay fp32, e.g. "
                                "'lm_head,*DenseReluDense.wo' ('' keeps none)")

@@ -248,7 +248,7 @@ def test_a_large_head_is_written_in_row_blocks(family, variant, tmp_path, monkey
     from xmtf_onnx.export.quantize import quantize_folder
     from xmtf_onnx.export.restrict import restrict
 
-    options = dict(quantize=[variant], fp32=False) if variant != "fp32" else {}
+    options = dict(quantize=[variant], fp32=False, block_size=32) if variant != "fp32" else {}
     whole = export(str(family["checkpoint"]), tmp_path / "whole", progress=False, **options)
     monkeypatch.setattr(common, "HEAD_BLOCK_BYTES", 1)  # blocks of the fewest rows that fill whole pages
     blocks = export(str(family["checkpoint"]), tmp_path / "blocks", progress=False, **options)
@@ -256,7 +256,7 @@ def test_a_large_head_is_written_in_row_blocks(family, variant, tmp_path, monkey
     head = onnx.load(os.path.join(blocks, folder, "head.onnx"), load_external_data=False).graph
     parts = [node for node in head.node if node.op_type != "Concat"]
     vocab = read_manifest(blocks).tokens["vocab_size"]
-    rows_per_block = 512 if variant != "fp32" else 128  # d = 40: int4 scales fill pages in 512 rows, fp32 rows in 128
+    rows_per_block = 512 if variant != "fp32" else 128  # d = 40, blocks of 32: int4 scales fill a page in 512 rows
     assert len(parts) == -(-vocab // rows_per_block) > 1 and [n.op_type for n in head.node].count("Concat") == 1
     one, split = load(whole, variant=variant), load(blocks, variant=variant)
     hidden = np.random.default_rng(0).standard_normal((3, one.runner.sessions["head"].get_inputs()[0].shape[1]))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from ..errors import UnsupportedModelError
@@ -29,6 +29,8 @@ class Family:
     validate: Callable[..., dict[str, float]]
     parameters: Callable[[Any], dict]
     truncate: Callable[..., tuple]
+    # Default MatMulNBits block size per weight-only mode where the family departs from quantize.DEFAULT_BLOCK_SIZE.
+    block_sizes: dict[str, int] = field(default_factory=dict)
 
 
 FAMILIES: dict[str, Family] = {}

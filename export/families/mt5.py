@@ -332,5 +332,7 @@ def truncate(config, select, vocab_rows: int):
     return small, rename, ("shared.weight", "lm_head.weight"), {"encoder": encoder, "decoder": decoder}
 
 
+# 4-bit blocks of 128 move mT5's logits far more than blocks of 32 (mt0-small, random weights: top-1 agreement
+# with fp32 20% against 29%; BLOOM keeps 100% at either), so mT5's int4 keeps the finer blocks.
 register_family(Family(name="mt5", kind="seq2seq", model_types=("mt5", "t5"), build=build, validate=validate,
-                       parameters=parameters, truncate=truncate))
+                       parameters=parameters, truncate=truncate, block_sizes={"int4-weight": 32}))
