@@ -24,7 +24,9 @@ from onnx import TensorProto
 from .graph import MS_DOMAIN, Graph, WeightFile
 from .weights import WeightSource
 
-BLOCK_SIZE = 32
+# Blocks of 128 rather than 32: the one-row kernel runs faster (mt0-small fp32 1x1 +12-16%) and certification barely
+# moves (random presets, 16 prompts x 48 tokens: mt0-small 99.3% of rows against 99.7%, bloomz-560m 100% at both).
+BLOCK_SIZE = 128
 BITS = 8
 ZERO_POINT = 1 << (BITS - 1)  # MatMulNBits' default zero point for unsigned 8-bit storage
 FLOAT_ROUNDING = 1.2e-7  # per term of a float32 dot product: |error| <= d * this * |h| * |q_r|
@@ -79,7 +81,7 @@ def build_screen(source: WeightSource, name: str, table_file: WeightFile, table_
     weight_error, row_norm = np.empty(vocab, np.float32), np.empty(vocab, np.float32)
     for start in range(0, vocab, chunk):  # bounded temporaries on a 250k x 4096 projection
         rows = source.rows(name, start, min(vocab, start + chunk))
-        q, s, dequantized = quantize_rows(rows)
+        q, s, dequantized = quantize_rows(rows, BLOCK_SIZE)
         screen_file.write_rows("screen.weight_q8", start, q)
         screen_file.write_rows("screen.scales", start * blocks, s.reshape(-1))
         weight_error[start:start + chunk] = _norm_up(rows.astype(np.float64) - dequantized)

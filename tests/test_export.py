@@ -72,10 +72,11 @@ def test_manifest_records_the_contract(family):
 
 
 def _screen_bytes(manifest: dict) -> int:
-    """What the greedy screen adds by design: an 8-bit copy of the [V, d] projection in blocks of 32 with fp32
-    scales, and two fp32 norms per row (plus alignment)."""
-    blocks = -(-manifest["hidden_size"] // 32)
-    return manifest["tokens"]["vocab_size"] * (blocks * 32 + blocks * 4 + 8) + 4 * 64
+    """What the greedy screen adds by design: an 8-bit copy of the [V, d] projection in blocks (the manifest's
+    block size) with fp32 scales, and two fp32 norms per row (plus alignment)."""
+    size = manifest["greedy_screen"]["block_size"]
+    blocks = -(-manifest["hidden_size"] // size)
+    return manifest["tokens"]["vocab_size"] * (blocks * size + blocks * 4 + 8) + 4 * 64
 
 
 def _unique_files(manifest: dict, variant: str = "fp32") -> dict[str, int]:

@@ -57,10 +57,12 @@ def test_bound_covers_every_left_out_logit(screen, candidates):
 
 def test_quantized_rows_are_within_half_a_step():
     weight = np.random.default_rng(1).standard_normal((50, 70)).astype(np.float32)
-    blocks, scales, dequantized = quantize_rows(weight)
-    assert blocks.dtype == np.uint8 and blocks.shape == (50, 3, 32) and scales.shape == (50, 3)
-    step = np.repeat(scales, 32, axis=1)[:, :70]
-    assert (np.abs(weight - dequantized) <= step / 2 + 1e-7).all()
+    for size in (32, 128):  # 70 columns: three blocks of 32 (the last padded), or one of 128
+        blocks, scales, dequantized = quantize_rows(weight, size)
+        count = -(-70 // size)
+        assert blocks.dtype == np.uint8 and blocks.shape == (50, count, size) and scales.shape == (50, count)
+        step = np.repeat(scales, size, axis=1)[:, :70]
+        assert (np.abs(weight - dequantized) <= step / 2 + 1e-7).all()
 
 
 class _FakeRunner:

@@ -244,11 +244,13 @@ def test_a_large_head_is_written_in_row_blocks(family, variant, tmp_path, monkey
     and `xmtf-onnx quantize` of an fp32 folder in blocks gives the head it gives from one Gemm."""
     import onnx
 
+    from xmtf_onnx.export import screen
     from xmtf_onnx.export.families import common
     from xmtf_onnx.export.quantize import quantize_folder
     from xmtf_onnx.export.restrict import restrict
 
     options = dict(quantize=[variant], fp32=False, block_size=32) if variant != "fp32" else {}
+    monkeypatch.setattr(screen, "BLOCK_SIZE", 32)  # the screen's 8-bit copy then fills pages in fewer rows than V
     whole = export(str(family["checkpoint"]), tmp_path / "whole", progress=False, **options)
     monkeypatch.setattr(common, "HEAD_BLOCK_BYTES", 1)  # blocks of the fewest rows that fill whole pages
     blocks = export(str(family["checkpoint"]), tmp_path / "blocks", progress=False, **options)
