@@ -371,7 +371,7 @@ class Graph:
     def to_model(self, shared: bool = False) -> onnx.ModelProto:
         """The graph as written: portable, or (shared=True) its shared-buffer form (see cached_attention), where
         the reorder input is gone and every cache input and output has a capacity axis instead of its length."""
-        nodes, inputs, outputs = self.nodes, self.inputs, self.outputs
+        nodes, inputs, outputs, constants = self.nodes, self.inputs, self.outputs, self.constants
         if shared:
             replacements = {id(portable): make for portable, _, make in self.shared_attention}
             dropped = {id(node) for _, replaced, _ in self.shared_attention for node in replaced}
@@ -381,7 +381,9 @@ class Graph:
             inputs = [_with_axis(i, self.shared_inputs.get(i.name, 0), "capacity") for i in self.inputs
                       if self.shared_inputs.get(i.name, 0) is not None]
             outputs = [_with_axis(o, 2, "capacity") if o.name in presents else o for o in self.outputs]
-        graph = helper.make_graph(nodes, self.name, inputs, outputs, initializer=self.constants)
+            used = {name for node in nodes for name in node.input}  # the replaced nodes' constants go with them
+            constants = [c for c in self.constants if c.name in used]
+        graph = helper.make_graph(nodes, self.name, inputs, outputs, initializer=constants)
         model = helper.make_model(
             graph,
             opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS_DOMAIN, 1)],

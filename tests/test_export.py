@@ -295,3 +295,16 @@ def test_presets_export_a_tokenizer_over_their_whole_vocabulary(tmp_path, monkey
     out = model.generate(text, max_new_tokens=6, min_new_tokens=6)
     assert out.texts[0] == model.decode(out.sequences[0]) and len(out.sequences[0]) == 6
     assert "".join(model.stream(text, max_new_tokens=6, min_new_tokens=6)) == out.texts[0]
+
+
+def test_every_initializer_is_read_by_a_node(family):
+    """No graph carries weights or constants that no node reads (onnxruntime warns about each at load); the
+    shared-buffer form drops the constants of the nodes it replaces."""
+    import onnx
+
+    for root, _, files in os.walk(family["export"]):
+        for name in (f for f in files if f.endswith(".onnx")):
+            graph = onnx.load(os.path.join(root, name), load_external_data=False).graph
+            read = {value for node in graph.node for value in node.input}
+            unused = [t.name for t in graph.initializer if t.name not in read]
+            assert not unused, f"{name}: {unused[:5]}"
