@@ -26,8 +26,10 @@ import numpy as np
 # The main job of a fresh machine: minutes and a few GB. Optimum's export alone takes minutes and GBs, and the
 # full grid's fp32 rivals are what --quick leaves to the full run.
 QUICK = {"models": ["mt0-small"], "settings": ["1x1", "1x4", "8x1"], "repeats": 2,
-         "backends": ["xmtf", "pytorch", "ctranslate2"]}
-FULL = {"models": ["mt0-small", "mt0-base", "bloomz-560m"], "settings": ["1x1", "1x4", "8x1", "8x4"], "repeats": 3}
+         "backends": ["xmtf", "pytorch", "ctranslate2"], "quantize": "int8"}
+# both int8 forms: int8-dynamic is the faster one for beams and batches, int8-weight at batch 1
+FULL = {"models": ["mt0-small", "mt0-base", "bloomz-560m"], "settings": ["1x1", "1x4", "8x1", "8x4"], "repeats": 3,
+        "quantize": "int8,int8-weight"}
 ALL_BACKENDS = ["xmtf", "pytorch", "pytorch-int8", "ctranslate2", "optimum", "llama-cpp"]
 LLAMA_CPP_TYPES = ("f32", "q8_0", "q4_0")
 SHARED_PROMPTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data", "prompts.jsonl")
@@ -65,7 +67,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="threads for every backend (default: the rivals one per core; xmtf its machine's thread "
                              "policy, as load() gives a user: see xmtf-onnx tune)")
     parser.add_argument("--provider", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--quantize", default="int8", help="xmtf variants to add to each export ('' for none)")
+    parser.add_argument("--quantize", default=None,
+                        help="comma-separated xmtf variants to add to each export ('' for none; default int8 with "
+                             "--quick, else int8,int8-weight: the fastest int8 for beams and batches, and at batch 1)")
     parser.add_argument("--restrict", default="", metavar="ROWS",
                         help="comma-separated row counts (e.g. 16000,32000): add restricted-vocabulary variants of "
                              "fp32 and each quantized variant, keeping the tokens of ../shared/data prompts by "
@@ -84,6 +88,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.models = args.models.split(",") if args.models else base["models"]
     args.settings = args.settings.split(",") if args.settings else base["settings"]
     args.repeats = args.repeats or base["repeats"]
+    args.quantize = base["quantize"] if args.quantize is None else args.quantize
     backends = args.backends.split(",") if args.backends else base.get("backends", ALL_BACKENDS)
     args.backends = [b for b in backends if b and (b != "llama-cpp" or args.llama_cpp)]
     args.quantized_rivals_only = args.no_fp32 or (args.quick and not args.backends_given)
