@@ -33,6 +33,35 @@ def family_exports(mt5_export, bloom_export):
     return {"mt5": mt5_export, "bloom": bloom_export}
 
 
+def test_weight_only_block_sizes_default_by_family(quantized):
+    """Blocks of 128 for the weight-only modes (MatMulNBits' one-row kernel is faster), but mT5's int4 keeps 32
+    (4-bit blocks of 128 move its logits far more): recorded in the manifest; the graphs use what it says."""
+    import onnx
+
+    from xmtf_onnx.export.quantize import default_block_size
+
+    expected = {("mt5", "int8-weight"): 128, ("mt5", "int4-weight"): 32, ("bloom", "int8-weight"): 128,
+                ("bloom", "int4-weight"): 128}
+    for (name, mode), size in expected.items():
+        assert default_block_size(mode, name) == size
+        variant = read_manifest(quantized[name]).variants[mode]
+        assert variant["quantization"]["block_size"] == size
+        graph = onnx.load(os.path.join(quantized[name], variant["files"]["decoder"]["path"]),
+                          load_external_data=False).graph
+        sizes = {a.i for n in graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "block_size"}
+        assert sizes == {size}
+
+
+def test_export_writes_the_family_block_size_unless_told(mt5_checkpoint, bloom_checkpoint, tmp_path):
+    from xmtf_onnx.export import export
+
+    for name, checkpoint, size in (("mt5", mt5_checkpoint, 32), ("bloom", bloom_checkpoint, 128)):
+        for given, expected in ((None, size), (64, 64)):
+            folder = export(str(checkpoint), tmp_path / f"{name}-{given}", progress=False, quantize=["int4-weight"],
+                            fp32=False, validation="none", block_size=given)
+            assert read_manifest(folder).variants["int4-weight"]["quantization"]["block_size"] == expected
+
+
 @pytest.mark.parametrize("variant, threshold", [("int8-dynamic", 0.7), ("int8-weight", 0.7), ("int4-weight", 0.4),
                                                 ("fp16", 0.95)])
 @pytest.mark.parametrize("name", ["mt5", "bloom"])
