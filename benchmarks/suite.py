@@ -344,6 +344,25 @@ def machine() -> dict:
     return info
 
 
+def export_fingerprint(modes: list[str], fp32: bool) -> dict:
+    """What a cached export in the work dir must match to be reused: the variants asked for, and the exporter's
+    own source (a changed default, such as a block size, changes what the same options write)."""
+    import hashlib
+
+    import xmtf_onnx.export as package
+    from xmtf_onnx.export.quantize import resolve_mode
+
+    digest = hashlib.sha256()
+    root = os.path.dirname(os.path.abspath(package.__file__))
+    for folder, _, files in sorted(os.walk(root)):
+        for name in sorted(f for f in files if f.endswith(".py")):
+            digest.update(os.path.relpath(os.path.join(folder, name), root).encode())
+            with open(os.path.join(folder, name), "rb") as handle:
+                digest.update(handle.read())
+    return {"variants": sorted({resolve_mode(m) for m in modes} | ({"fp32"} if fp32 else set())),
+            "exporter_source": digest.hexdigest()}
+
+
 def versions() -> dict:
     found = {}
     for name in ("xmtf-onnx", "onnxruntime", "onnxruntime-gpu", "torch", "transformers", "optimum", "optimum-onnx",
@@ -493,18 +512,25 @@ def main(argv: list[str] | None = None) -> int:
         from xmtf_onnx.runtime.errors import ManifestError
         from xmtf_onnx.runtime.manifest import read_manifest
 
-        stale = not os.path.isdir(export_dir)
-        if not stale:
-            try:
-                read_manifest(export_dir)
-            except ManifestError as e:  # an export cached by another xmtf-onnx version
-                _log(f"   re-exporting: {e}")
-                stale = True
+        modes = [m for m in args.quantize.split(",") if m]
+        wanted = export_fingerprint(modes, not args.no_fp32)
+        record = os.path.join(work, "xmtf-export.json")
+        try:
+            read_manifest(export_dir)
+            with open(record) as handle:
+                cached = json.load(handle)
+        except (ManifestError, OSError, ValueError):  # none yet, or cached by another xmtf-onnx version
+            cached = None
+        stale = cached != wanted
+        if stale and os.path.isdir(export_dir):
+            _log("   re-exporting: the cached export was made with other --quantize / --no-fp32 options or by "
+                 "another version of the exporter")
         if stale:
             from xmtf_onnx.export import export
 
-            modes = [m for m in args.quantize.split(",") if m]
             export(checkpoint, export_dir, progress=progress, quantize=modes, force=True, fp32=not args.no_fp32)
+            with open(record, "w") as handle:
+                json.dump(wanted, handle)
 
         manifest = read_manifest(export_dir)
         vocab = manifest.data["tokenizer"]["vocab_size"] if manifest.data.get("tokenizer") else manifest.tokens["vocab_size"]

@@ -225,6 +225,30 @@ def test_bench_plumbing_on_tiny_models(mt5_checkpoint, bloom_checkpoint, tmp_pat
     assert (tmp_path / "tokens_per_second.png").stat().st_size > 0 and (tmp_path / "peak_rss.png").exists()
 
 
+def test_bench_reexports_when_the_options_change(bloom_checkpoint, tmp_path, monkeypatch):
+    """The work dir's export is reused only for the same variants by the same exporter: another --quantize (or an
+    exporter whose code changed) exports again, so the report holds what was asked for."""
+    from xmtf_onnx.benchmarks import suite
+
+    def run(quantize: str) -> list[str]:
+        assert suite.main(["--models", str(bloom_checkpoint), "--settings", "1x1", "--backends", "xmtf",
+                           "--new-tokens", "2", "--repeats", "1", "--threads", "1", "--quantize", quantize,
+                           "--fidelity-prompts", "0", "--work-dir", str(tmp_path / "work"), "--out", str(tmp_path),
+                           "--no-progress"]) == 0
+        report = json.loads((tmp_path / "results.json").read_text())
+        return [b["name"] for model in report["models"].values() for b in model["backends"]]
+
+    original = suite.export_fingerprint
+    manifest = tmp_path / "work" / bloom_checkpoint.name / "xmtf" / "xmtf_manifest.json"
+    assert run("int8") == ["xmtf fp32", "xmtf int8-dynamic"]
+    written = manifest.stat().st_mtime_ns
+    assert run("int8") == ["xmtf fp32", "xmtf int8-dynamic"] and manifest.stat().st_mtime_ns == written  # reused
+    assert run("int4-weight") == ["xmtf fp32", "xmtf int4-weight"]
+    monkeypatch.setattr(suite, "export_fingerprint", lambda *a: dict(original(*a), exporter_source="other"))
+    written = manifest.stat().st_mtime_ns
+    assert run("int4-weight") == ["xmtf fp32", "xmtf int4-weight"] and manifest.stat().st_mtime_ns != written
+
+
 def test_failing_rival_is_reported_not_dropped(mt5_checkpoint, tmp_path):
     from xmtf_onnx.benchmarks.report import markdown
     from xmtf_onnx.benchmarks.suite import parse_args, run_job
