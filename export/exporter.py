@@ -240,8 +240,7 @@ def export(source: str, output: str | os.PathLike, force: bool = False, toleranc
     renamed at the end.
     """
     from .graph import WeightPlan
-    from .quantize import (DEFAULT_BLOCK_SIZE, check_options, default_block_size, default_keep_fp32, record_aliases,
-                           resolve_mode)
+    from .quantize import check_options, default_block_size, default_keep_fp32, record_aliases, resolve_mode
     from .validation import choose_mode, quantized_checks, validate_full, validate_reduced
 
     output = os.path.abspath(os.fspath(output))
@@ -249,8 +248,6 @@ def export(source: str, output: str | os.PathLike, force: bool = False, toleranc
         raise OutputExistsError(f"{output} exists; pass --force (force=True) to replace it.")
     if not isinstance(tolerance, (int, float)) or not tolerance > 0:
         raise ExportError(f"tolerance must be a positive number, not {tolerance!r}")
-    given_block_size = block_size  # None: each mode's default for the family, known once the config is read
-    block_size = DEFAULT_BLOCK_SIZE if block_size is None else block_size
     patterns = None if keep_fp32 is None else check_options(block_size, keep_fp32, None)
     check_options(block_size, (), None)  # the block size, when no patterns were given
     modes = list(dict.fromkeys(resolve_mode(m) for m in quantize))
@@ -289,8 +286,7 @@ def export(source: str, output: str | os.PathLike, force: bool = False, toleranc
             if variant == "fp32":
                 plan = WeightPlan()
             else:
-                blocks = default_block_size(variant, family.name) if given_block_size is None else given_block_size
-                plan = WeightPlan(variant, blocks, kept)
+                plan = WeightPlan(variant, block_size or default_block_size(variant, family.name), kept)
             with progress_bar.stage(f"writing the {variant} {family.name} graphs ({family.kind}), weights streamed"):
                 reader = CountingSource(weights, total_bytes, _report if progress else None)
                 written = _write_variant(family, config, reader, temporary, "" if variant == "fp32" else variant, plan)
@@ -346,7 +342,7 @@ def export(source: str, output: str | os.PathLike, force: bool = False, toleranc
                 from .quantize import add_variant
 
                 with progress_bar.stage("deriving the fp16 variant from the fp32 graphs"):
-                    add_variant(temporary, manifest, mode_name, given_block_size, patterns)  # None: the defaults
+                    add_variant(temporary, manifest, mode_name, block_size, patterns)  # None: the defaults
         with progress_bar.stage("writing the manifest"):
             record_aliases(manifest)
             for name, entry in variants.items():

@@ -302,10 +302,10 @@ def _compact_external_data(model: onnx.ModelProto, folder: str) -> None:
         os.replace(new, old)
 
 
-def check_options(block_size: int, keep_fp32, name: str | None) -> tuple[str, ...]:
-    """Typed errors for bad quantization options, before anything is written."""
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 16 or \
-            block_size & (block_size - 1):
+def check_options(block_size: int | None, keep_fp32, name: str | None) -> tuple[str, ...]:
+    """Typed errors for bad quantization options, before anything is written (block_size None: the defaults)."""
+    if block_size is not None and (isinstance(block_size, bool) or not isinstance(block_size, int) or
+                                   block_size < 16 or block_size & (block_size - 1)):
         raise ExportError(f"block size must be a power of two >= 16 (MatMulNBits), not {block_size!r}")
     patterns = (keep_fp32,) if isinstance(keep_fp32, str) else tuple(keep_fp32 or ())
     if any(not isinstance(p, str) or not p for p in patterns):
@@ -390,7 +390,7 @@ def quantize_folder(folder: str, mode: str, force: bool = False, block_size: int
     """Add a quantized variant to an existing export (block_size None: the family's default for the mode); the
     manifest is replaced atomically."""
     manifest = read_manifest(folder)
-    check_options(DEFAULT_BLOCK_SIZE if block_size is None else block_size, keep_fp32, name)
+    check_options(block_size, keep_fp32, name)
     name = name or resolve_mode(mode)
     if name in manifest.variants and not force:
         raise OutputExistsError(f"{folder} already has variant {name}; pass --force to rebuild it.")
