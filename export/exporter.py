@@ -394,7 +394,8 @@ def _built_quantization(mode: str, plan, graphs: list, roles: dict[str, str]) ->
         return {"method": "dynamic", "weight_type": "int8", "per_channel": True, "ops": ["MatMul"],
                 "op": "com.microsoft.DynamicQuantizeMatMul",
                 "activations": "uint8, quantized per call", "providers": ["cpu"],
-                "embedding": f"com.microsoft.GatherBlockQuantized, 8-bit blocks of {plan.block_size}", **common}
+                "embedding": f"com.microsoft.GatherBlockQuantized, 8-bit blocks of {plan.block_size}; tied to the "
+                             "head: a Gather of the int8 rows the head's QGemm (transB) reads, stored once", **common}
     return {"method": "weight-only", "weight_type": f"int{plan.bits}", "block_size": plan.block_size, "symmetric": True,
             "ops": ["MatMul"], "op": "com.microsoft.MatMulNBits", "accuracy_level": 4, "providers": ["cpu", "cuda"],
             "embedding": f"com.microsoft.GatherBlockQuantized over the same {plan.bits}-bit blocks "

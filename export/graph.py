@@ -445,13 +445,14 @@ def dequantize_blocks(packed: np.ndarray, scales: np.ndarray, bits: int, depth: 
 
 
 def check_quantized(weights: WeightFile, name: str, source_rows: np.ndarray, key: str, start: int,
-                    bits: int | None = None) -> float:
+                    bits: int | None = None, transposed: bool = True) -> float:
     """Read rows [start, start + n) of a quantized tensor back from disk, dequantize them as onnxruntime will, and
     compare with the source rows: the error must stay within one quantization step (the rounding bound of both
     formats), so a wrong offset, layout or packing fails the export. Records the worst ratio in weights.checks."""
     count, depth = source_rows.shape
-    if bits is None:  # per-channel int8, stored transposed [in, out] (or [d, V] for a table)
-        written = np.asarray(weights.read(key))[:, start:start + count].T.astype(np.float32)
+    if bits is None:  # per-channel int8, stored transposed [in, out] (a MatMul weight) or as rows [V, d] (a table)
+        written = np.asarray(weights.read(key))
+        written = (written[:, start:start + count].T if transposed else written[start:start + count]).astype(np.float32)
         scales = np.asarray(weights.read(key + ".scale")).reshape(-1)[start:start + count]
         step = np.abs(scales)[:, None]
         error = np.abs(written * scales[:, None] - source_rows)
@@ -506,14 +507,34 @@ def block_table(weights: WeightFile, key: str, source, name: str, bits: int, blo
     return base
 
 
-def int8_columns_table(weights: WeightFile, key: str, source, name: str) -> str:
-    """The table transposed to [d, V] int8, one scale per row of the table (DynamicQuantizeMatMul's layout: a
-    MatMul weight [out, in] is stored [in, out])."""
-    base = f"{key}.int8"
+def int8_rows_table(weights: WeightFile, key: str, source, name: str) -> str:
+    """The [V, d] table as int8 rows, one scale per row (+ QGemm's zero points, all 0): the output projection's
+    QGemm (transB) and the embedding's Gather read the same bytes, so a tied table is stored once."""
+    base = f"{key}.int8rows"
     if base not in weights.placements:
         vocab, depth = source.shape(name)
-        weights.reserve(base, np.int8, (depth, vocab))
+        weights.reserve(base, np.int8, (vocab, depth))
         weights.reserve(base + ".scale", np.float32, (vocab,))
+        weights.reserve(base + ".zero", np.int8, (vocab,))
+        weights.write_rows(base + ".zero", 0, np.zeros(vocab, np.int8))
+        start = 0
+        for rows in _chunks(source, name):
+            quantized, scales = quantize_per_channel(rows)
+            weights.write_rows(base, start, quantized)
+            weights.write_rows(base + ".scale", start, scales)
+            check_quantized(weights, name, rows, base, start, transposed=False)
+            start += len(rows)
+    return base
+
+
+def int8_columns_table(weights: WeightFile, key: str, source, name: str) -> str:
+    """A MatMul weight [out, in] stored transposed, [in, out] int8, one scale per output feature
+    (DynamicQuantizeMatMul's layout), written a block of rows at a time."""
+    base = f"{key}.int8"
+    if base not in weights.placements:
+        out_features, in_features = source.shape(name)
+        weights.reserve(base, np.int8, (in_features, out_features))
+        weights.reserve(base + ".scale", np.float32, (out_features,))
         start = 0
         for rows in _chunks(source, name):
             quantized, scales = quantize_per_channel(rows)

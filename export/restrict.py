@@ -25,7 +25,7 @@ from xmtf_onnx.runtime.manifest import ROLES, SHARED_DECODER, read_manifest, sha
 
 from .errors import ExportError, OutputExistsError
 
-HEAD_OPS = ("Gemm", "MatMulNBits", "DynamicQuantizeMatMul", "MatMulInteger", "MatMul")  # the first one found names it
+HEAD_OPS = ("Gemm", "MatMulNBits", "QGemm", "DynamicQuantizeMatMul", "MatMulInteger", "MatMul")  # the first found names it
 VOCABULARY_FILE = "vocabulary.ids"  # int64 little-endian token ids, ascending: logit column c is token ids[c]
 
 
@@ -103,14 +103,14 @@ def _head_node(model: onnx.ModelProto, path: str) -> onnx.NodeProto:
 
 
 def join_head_blocks(model: onnx.ModelProto, folder: str) -> None:
-    """A head written in row blocks (one node per block, Gemm or MatMulNBits, joined by a Concat:
+    """A head written in row blocks (one node per block, Gemm, QGemm or MatMulNBits, joined by a Concat:
     families/common.head_row_blocks) made one node over all rows, in place: the blocks' tensors are read, joined
     along their rows and held in the graph (raw data) until the caller writes them. A head of one node is left as
     it is."""
     concat = next((n for n in model.graph.node if n.op_type == "Concat" and list(n.output) == ["logits"]), None)
     producers = {n.output[0]: n for n in model.graph.node}
     parts = [producers.get(name) for name in concat.input] if concat is not None else []
-    if not parts or any(part is None or part.op_type not in ("Gemm", "MatMulNBits") for part in parts):
+    if not parts or any(part is None or part.op_type not in ("Gemm", "QGemm", "MatMulNBits") for part in parts):
         return
     tensors = {t.name: t for t in model.graph.initializer}
     first = parts[0]
@@ -137,9 +137,9 @@ def join_head_blocks(model: onnx.ModelProto, folder: str) -> None:
 
 def _restricted_quantized_head(head_path: str, kept: np.ndarray, target: str, vocab: int) -> None:
     """The base's quantized head with only the kept output rows: the stored bytes of those rows, copied.
-    MatMulNBits keeps N rows of blocks (and their scales); any other head (DynamicQuantizeMatMul, MatMulInteger:
-    int8 columns [d, V] with per-column scales) is cut along the axis of its initializers that has the logits'
-    width."""
+    MatMulNBits keeps N rows of blocks (and their scales); any other head (QGemm: int8 rows [V, d] with per-row
+    scales and zero points; DynamicQuantizeMatMul, MatMulInteger: int8 columns [d, V] with per-column scales) is cut
+    along the axis of its initializers that has the logits' width."""
     from .graph import WeightFile
 
     model = onnx.load(head_path, load_external_data=False)

@@ -57,13 +57,13 @@ def build_mt5(folder: Path, num_decoder_layers: int = 2, with_tokenizer: bool = 
     return folder
 
 
-def build_bloom(folder: Path, with_tokenizer: bool = True) -> Path:
+def build_bloom(folder: Path, with_tokenizer: bool = True, vocab_size: int = 640) -> Path:
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import BloomConfig, BloomForCausalLM, BloomTokenizerFast
 
     torch.manual_seed(0)
-    config = BloomConfig(vocab_size=640, hidden_size=40, n_layer=2, n_head=5, bos_token_id=1, eos_token_id=2,
+    config = BloomConfig(vocab_size=vocab_size, hidden_size=40, n_layer=2, n_head=5, bos_token_id=1, eos_token_id=2,
                          pad_token_id=3)
     BloomForCausalLM(config).eval().save_pretrained(folder)
     if with_tokenizer:

@@ -27,7 +27,8 @@ def restricted(family_exports, tmp_path_factory):
     made = {}
     for name in family_exports:
         folder = tmp_path_factory.mktemp("restricted") / name
-        # built at export: DynamicQuantizeMatMul and MatMulNBits heads; onnxruntime's quantizer: MatMulInteger
+        # built at export: QGemm (BLOOM's tied table) or DynamicQuantizeMatMul, and MatMulNBits heads;
+        # onnxruntime's quantizer: MatMulInteger
         export(_checkpoint(family_exports, name), folder, quantize=["int8-dynamic", "int4-weight"], progress=False)
         quantize_folder(str(folder), "int8", name="int8-ort")
         model = load(folder)
@@ -106,12 +107,15 @@ def test_restricted_beams_equal_transformers_renormalised(restricted, family_exp
 
 
 @pytest.mark.parametrize("family_name", ["mt5", "bloom"])
-@pytest.mark.parametrize("variant, head", [("int4-weight", "MatMulNBits"), ("int8-dynamic", "DynamicQuantizeMatMul"),
+# int8-dynamic: QGemm over the int8 rows of a head tied to the embedding (BLOOM), else DynamicQuantizeMatMul
+@pytest.mark.parametrize("variant, head", [("int4-weight", "MatMulNBits"),
+                                           ("int8-dynamic", {"mt5": "DynamicQuantizeMatMul", "bloom": "QGemm"}),
                                            ("int8-ort", "MatMulInteger")])
 def test_restricted_quantized_head_is_the_base_heads_rows(restricted, family_name, variant, head):
     """A quantized head's stored rows are copied, so its logits are the base head's at the kept columns."""
     made = restricted[family_name]
     base, model = load(made["folder"], variant=variant), load(made["folder"], variant=f"{variant}-r")
+    head = head[family_name] if isinstance(head, dict) else head
     assert model.restricted["base"] == variant and model.restricted["head"] == head
     hidden = np.random.default_rng(1).standard_normal((3, base.runner.sessions["head"].get_inputs()[0].shape[1]))
     hidden = hidden.astype(np.float32)

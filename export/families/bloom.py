@@ -48,7 +48,7 @@ def build(config, w: WeightSource, store: Store, plan: WeightPlan) -> tuple[list
              graph.input(f"past_value.{i}", TensorProto.FLOAT, ["past_batch", heads, "past", head_dim]))
             for i in range(config.n_layer)]
     table = f"{prefix}.word_embeddings"
-    x = embedding(graph, input_ids, w, f"{table}.weight", graph.weights, table)  # [batch, new, hidden]
+    x = embedding(graph, input_ids, w, f"{table}.weight", graph.weights, table, tied)  # [batch, new, hidden]
     x, _ = _norm(graph, x, f"{prefix}.word_embeddings_layernorm", w, eps)
 
     zero, one = graph.const(0), graph.const(1)
@@ -105,7 +105,7 @@ def build(config, w: WeightSource, store: Store, plan: WeightPlan) -> tuple[list
     last = graph.op("Gather", [x, graph.op("Sub", [graph.op("Squeeze", [new_length]), one])], axis=1)  # [b, h]
     hidden, _ = _norm(graph, last, f"{prefix}.ln_f", w, eps)
     if tied:  # the head reads the embedding where the decoder stores it: the tied weight is kept once
-        outputs = output_graphs(hidden_size, w, f"{table}.weight", graph.weights, table, plan)
+        outputs = output_graphs(hidden_size, w, f"{table}.weight", graph.weights, table, plan, tied=True)
     else:
         outputs = output_graphs(hidden_size, w, "lm_head.weight", store.file("head.onnx.data"), "lm_head.weight", plan)
     graph.output(hidden, "hidden", TensorProto.FLOAT, ["batch", hidden_size])

@@ -7,7 +7,7 @@ import math
 import numpy as np
 
 from ..graph import (PAGE, SHARED_SUFFIX, MS_DOMAIN, Graph, Placement, WeightFile, WeightPlan, block_table, fp32_table,
-                     int8_columns_table)
+                     int8_columns_table, int8_rows_table)
 from ..weights import WeightSource
 
 HEAD_WEIGHT = "lm_head"  # the output projection's name for keep-fp32 patterns, tied or not
@@ -60,9 +60,14 @@ def compare(onnx_value: np.ndarray, torch_value, where: np.ndarray | None = None
     return {"max_abs_diff": float(difference.max()), "max_abs_reference": float(magnitude.max())}
 
 
-def embedding(graph: Graph, ids: str, source: WeightSource, name: str, weights: WeightFile, key: str) -> str:
+def embedding(graph: Graph, ids: str, source: WeightSource, name: str, weights: WeightFile, key: str,
+              tied: bool = False) -> str:
     """Rows of the [V, d] table `name` for ids [batch, seq] -> [batch, seq, d] fp32: an fp32 Gather, or
-    GatherBlockQuantized over the plan's blocks (8-bit blocks for int8-dynamic)."""
+    GatherBlockQuantized over the plan's blocks (8-bit blocks for int8-dynamic), the bytes of the weight-only
+    modes' MatMulNBits head; int8-dynamic with the head `tied` to the table: a Gather of the int8 rows its QGemm
+    reads, scaled per row. A tied table is stored once."""
+    from onnx import TensorProto
+
     plan = graph.plan
     vocab, depth = source.shape(name)
     if not plan.quantizes(key):
@@ -70,9 +75,15 @@ def embedding(graph: Graph, ids: str, source: WeightSource, name: str, weights: 
             graph.kept_fp32.append(key)
         table = graph.refer(key, weights, fp32_table(weights, key, source, name))
         return graph.op("Gather", [table, ids], axis=0)
+    graph.quantized.append(key)
+    if plan.mode == "int8-dynamic" and tied:
+        base = int8_rows_table(weights, key, source, name)
+        rows = graph.op("Cast", [graph.op("Gather", [graph.refer(base, weights, base), ids], axis=0)],
+                        to=TensorProto.FLOAT)
+        scales = graph.op("Gather", [graph.refer(base + ".scale", weights, base + ".scale", (vocab, 1)), ids], axis=0)
+        return graph.op("Mul", [rows, scales])
     bits = plan.bits
     base = block_table(weights, key, source, name, bits, plan.block_size)
-    graph.quantized.append(key)
     blocks = weights.placements[base + ".scales"].shape[1]
     data = graph.refer(base, weights, base, (vocab, blocks * plan.block_size * bits // 8))
     scales = graph.refer(base + ".scales", weights, base + ".scales")
@@ -108,11 +119,25 @@ def joined(graph: Graph, parts: list[str]) -> str:
     return parts[0] if len(parts) == 1 else graph.op("Concat", parts, axis=-1)
 
 
+def row_blocks(weights: WeightFile, keys: tuple[str, ...], small: tuple[str, ...] = ()) -> list[tuple[int, list[str]]]:
+    """The head's tables `keys` then `small` (same rows) in head_row_blocks -> per block (its rows, the keys of its
+    views; the tables themselves for a head of one block). The blocks start on pages of `keys`; `small` tables
+    (QGemm's zero points) are too small to be memory-mapped and do not constrain them."""
+    vocab = weights.placements[keys[0]].shape[0]
+    blocks = head_row_blocks(*(weights.placements[k] for k in keys))
+    if blocks == [(0, vocab)]:
+        return [(vocab, [*keys, *small])]
+    return [(stop - start, [weights.rows_view(k, start, stop) for k in (*keys, *small)]) for start, stop in blocks]
+
+
 def output_graphs(hidden_size: int, source: WeightSource, name: str, weights: WeightFile, key: str,
-                  plan: WeightPlan) -> list:
+                  plan: WeightPlan, tied: bool = False) -> list:
     """The head (hidden -> logits) over the [V, d] projection `name`, stored as the plan says, and, when the head
-    is fp32, the greedy screen over the same fp32 rows. `key` names the table in `weights` (a tied embedding's
-    key: the bytes are shared)."""
+    is fp32, the greedy screen over the same fp32 rows. `key` names the table in `weights`; `tied`: it is the
+    embedding's (see embedding()), whose bytes the head reads: fp32 rows (Gemm, transB), MatMulNBits blocks, or
+    for int8-dynamic int8 rows (QGemm, transB: DynamicQuantizeMatMul needs them transposed, a second copy), in
+    row blocks (head_row_blocks). An untied int8-dynamic head is one DynamicQuantizeMatMul: QGemm transposes its
+    weight while packing, a third copy at load that only blocks bound."""
     from onnx import TensorProto
 
     from ..screen import build_screen
@@ -120,36 +145,35 @@ def output_graphs(hidden_size: int, source: WeightSource, name: str, weights: We
     vocab = source.shape(name)[0]
     head = Graph("head", weights, plan)
     hidden = head.input("hidden", TensorProto.FLOAT, ["batch", hidden_size])
+    refer = lambda table: head.refer(table, weights, table)  # noqa: E731
+    parts = []
     if plan.quantizes(HEAD_WEIGHT):
         head.quantized.append(HEAD_WEIGHT)
-        if plan.mode == "int8-dynamic":
+        if plan.mode == "int8-dynamic" and not tied:
             base = int8_columns_table(weights, key, source, name)
-            logits = head.op("DynamicQuantizeMatMul", [hidden, head.refer(base, weights, base),
-                                                       head.refer(base + ".scale", weights, base + ".scale")],
-                             domain=MS_DOMAIN)
+            parts.append(head.op("DynamicQuantizeMatMul", [hidden, refer(base), refer(base + ".scale")],
+                                 domain=MS_DOMAIN))
+        elif plan.mode == "int8-dynamic":  # DynamicQuantizeMatMul's own quantization of hidden, then QGemm per block
+            base = int8_rows_table(weights, key, source, name)
+            quantized = head.op("DynamicQuantizeLinear", [hidden], outputs=3)
+            for _, (table, scale, zero) in row_blocks(weights, (base, base + ".scale"), (base + ".zero",)):
+                parts.append(head.op("QGemm", [*quantized, refer(table), refer(scale), refer(zero)], domain=MS_DOMAIN,
+                                     transB=1))
         else:
             base = block_table(weights, key, source, name, plan.bits, plan.block_size)
             blocks = weights.placements[base + ".scales"].shape[1]
-            parts = []
-            for start, stop in head_row_blocks(weights.placements[base], weights.placements[base + ".scales"]):
-                whole = (start, stop) == (0, vocab)
-                table, scales = (k if whole else weights.rows_view(k, start, stop) for k in (base, base + ".scales"))
-                parts.append(head.op("MatMulNBits", [hidden, head.refer(table, weights, table),
-                                                     head.refer(scales, weights, scales, ((stop - start) * blocks,))],
-                                     domain=MS_DOMAIN, K=hidden_size, N=stop - start, bits=plan.bits,
+            for rows, (table, scales) in row_blocks(weights, (base, base + ".scales")):
+                parts.append(head.op("MatMulNBits", [hidden, refer(table),
+                                                     head.refer(scales, weights, scales, (rows * blocks,))],
+                                     domain=MS_DOMAIN, K=hidden_size, N=rows, bits=plan.bits,
                                      block_size=plan.block_size, accuracy_level=4))
-            logits = joined(head, parts)
-        head.output(logits, "logits", TensorProto.FLOAT, ["batch", vocab])
+        head.output(joined(head, parts), "logits", TensorProto.FLOAT, ["batch", vocab])
         return [(head, "head.onnx", "head")]
     if plan.mode != "fp32":
         head.kept_fp32.append(HEAD_WEIGHT)
     table = fp32_table(weights, key, source, name)
-    # Gemm with transB reads the weight in PyTorch's [V, d] layout (a tied embedding is stored once)
-    parts = []
-    for start, stop in head_row_blocks(weights.placements[table]):
-        whole = (start, stop) == (0, vocab)
-        rows = table if whole else weights.rows_view(table, start, stop)
-        parts.append(head.op("Gemm", [hidden, head.refer(key if whole else rows, weights, rows)], transB=1))
+    for _, (rows,) in row_blocks(weights, (table,)):  # Gemm with transB reads PyTorch's [V, d] layout
+        parts.append(head.op("Gemm", [hidden, refer(rows)], transB=1))
     head.output(joined(head, parts), "logits", TensorProto.FLOAT, ["batch", vocab])
     screen = build_screen(source, name, weights, key, WeightFile("screen.onnx.data").bind(weights.folder))
     return [(head, "head.onnx", "head"), (screen, "screen.onnx", "screen")]

@@ -91,7 +91,7 @@ def build(config, w: WeightSource, store: Store, plan: WeightPlan) -> tuple[list
     # Encoder: input_ids [batch, src] -> cross_key.i / cross_value.i [batch, heads, src, d] per decoder layer
     input_ids = encoder.input("input_ids", TensorProto.INT64, ["batch", "source"])
     attention_mask = encoder.input("attention_mask", TensorProto.INT64, ["batch", "source"])
-    x = embedding(encoder, input_ids, w, "shared.weight", shared, "shared")  # [b, s, model]
+    x = embedding(encoder, input_ids, w, "shared.weight", shared, "shared", config.tie_word_embeddings)  # [b, s, model]
     allowed = encoder.op("Cast", [encoder.op("Unsqueeze", [attention_mask, encoder.const([1, 2])])],
                          to=TensorProto.BOOL)  # [b, 1, 1, s]
     source_length = encoder.shape_dim(input_ids, 1)
@@ -132,7 +132,7 @@ def build(config, w: WeightSource, store: Store, plan: WeightPlan) -> tuple[list
     cross = [(decoder.input(f"cross_key.{i}", TensorProto.FLOAT, cache_shape),
               decoder.input(f"cross_value.{i}", TensorProto.FLOAT, cache_shape))
              for i in range(config.num_decoder_layers)]
-    x = embedding(decoder, input_ids, w, "shared.weight", shared, "shared")
+    x = embedding(decoder, input_ids, w, "shared.weight", shared, "shared", config.tie_word_embeddings)
     cross_allowed = decoder.op("Cast", [decoder.op("Unsqueeze", [encoder_mask, decoder.const([1, 2])])],
                                to=TensorProto.BOOL)
     # The mask spans the past and this step's tokens: the cache's own length axis is a capacity in the
@@ -179,7 +179,7 @@ def build(config, w: WeightSource, store: Store, plan: WeightPlan) -> tuple[list
     hidden, _ = _norm(decoder, last, "decoder.final_layer_norm", w, eps)
     if config.tie_word_embeddings:
         hidden = decoder.op("Mul", [hidden, decoder.const(np.float32(config.d_model ** -0.5), np.float32)])
-        outputs = output_graphs(config.d_model, w, "shared.weight", shared, "shared", plan)
+        outputs = output_graphs(config.d_model, w, "shared.weight", shared, "shared", plan, tied=True)
     else:
         outputs = output_graphs(config.d_model, w, "lm_head.weight", store.file("head.onnx.data"), "lm_head.weight",
                                 plan)
