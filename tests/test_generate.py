@@ -388,9 +388,9 @@ def test_shared_cache_grows_and_reorders_beams_in_place(family):
     runners = [shared.runner, shared.runner, portable.runner]
     hidden = [runner.prefill(state) for runner, state in zip(runners, states)]
     rows = hidden[0].shape[0]
-    buffers = states[0].shared
+    buffers, unknown = states[0].shared, states[1].shared
     orders = [np.array([1, 1, 2, 3]), np.array([0, 0, 3, 2]), np.arange(rows)[::-1].copy(), np.arange(rows),
-              np.array([2, 3, 0, 1])]
+              np.array([2, 3, 0, 1])] * 4  # 20 steps: the unknown request's 16 positions grow (its binding anew)
     for step, order in enumerate(orders):
         order = order % rows
         tokens = np.full(rows, 11 + step)
@@ -400,7 +400,7 @@ def test_shared_cache_grows_and_reorders_beams_in_place(family):
         if step < 2:  # within the 3 new tokens (and the start token) the request asked room for
             assert states[0].shared is buffers
     length = shared.runner.past_length(states[1])
-    assert states[1].shared[0].shape[2] >= length and shared.runner.past_length(states[0]) == length
+    assert states[1].shared[0].shape[2] >= length > unknown[0].shape[2] and shared.runner.past_length(states[0]) == length
     real = states[2].attention_mask.astype(bool)  # [rows, length]: a padded position's cache is never read
     np.testing.assert_allclose(np.stack(shared.runner.cache_arrays(states[1])).transpose(0, 1, 3, 2, 4)[:, real],
                                np.stack([v.numpy() for v in states[2].past]).transpose(0, 1, 3, 2, 4)[:, real],
