@@ -25,7 +25,8 @@ from xmtf_onnx.runtime.manifest import OPTIONAL_ROLES, read_manifest, write_mani
 
 from .errors import ExportError, OutputExistsError
 from .exporter import file_entry
-from .graph import ALIGNMENT, MS_DOMAIN, PAGE, PAGE_ALIGNED_FROM, WeightFile, WeightPlan, block_table
+from .graph import (ALIGNMENT, MS_DOMAIN, PAGE, PAGE_ALIGNED_FROM, WeightFile, WeightPlan, block_table,
+                    int8_rows_table, save_graph)
 from .weights import ArraySource
 
 MODES = ("int8-dynamic", "int8-weight", "int4-weight", "fp16")
@@ -219,12 +220,14 @@ def _external_array(tensor: onnx.TensorProto, folder: str) -> np.ndarray:
 
 
 def _quantize_embeddings(target: str, vocab_size: int, bits: int, block_size: int, patterns: tuple[str, ...],
-                         tables: WeightFile) -> tuple[list[str], list[str]]:
+                         tables: WeightFile, tied: str | None = None) -> tuple[list[str], list[str]]:
     """onnxruntime's quantizers leave the embedding an fp32 Gather, copied into every graph's data file (mt0-small
     int8: 1.2 GB of its 1.3 GB fp32 folder). Replace each fp32 Gather over a [vocab, d] table by
     GatherBlockQuantized over `bits`-bit blocks written once to `tables` (the variant's embeddings.bin, shared by
     mT0's encoder and decoder), as `export --quantize` does, and drop the fp32 table from the graph's data file.
-    Tables matching a keep-fp32 pattern stay. -> (tables quantized, tables kept fp32)."""
+    The table named `tied` (int8-dynamic, a head tied to it) becomes per-row int8 rows instead, read by a Gather
+    and by the head add_variant writes over the same rows. Tables matching a keep-fp32 pattern stay.
+    -> (tables quantized, tables kept fp32)."""
     model = onnx.load(target, load_external_data=False)
     folder = os.path.dirname(target)
     initializers = {t.name: t for t in model.graph.initializer}
@@ -239,6 +242,24 @@ def _quantize_embeddings(target: str, vocab_size: int, bits: int, block_size: in
             kept.append(table.name)
             continue
         depth = table.dims[1]
+        if table.name == tied:
+            base = int8_rows_table(tables, table.name, ArraySource({table.name: _external_array(table, folder)}),
+                                   table.name)
+            model.graph.initializer.extend([tables.tensor(base, base), tables.tensor(base + ".scale[V,1]", base + ".scale",
+                                                                                     (vocab_size, 1))])
+            rows, ids = node.output[0], node.input[1]
+            replacement = [onnx.helper.make_node("Gather", [base, ids], [rows + ".int8"], name=node.name, axis=0),
+                           onnx.helper.make_node("Cast", [rows + ".int8"], [rows + ".rows"], name=node.name + ".cast",
+                                                 to=onnx.TensorProto.FLOAT),
+                           onnx.helper.make_node("Gather", [base + ".scale[V,1]", ids], [rows + ".scale"],
+                                                 name=node.name + ".scale", axis=0),
+                           onnx.helper.make_node("Mul", [rows + ".rows", rows + ".scale"], [rows],
+                                                 name=node.name + ".scaled")]
+            model.graph.node.remove(node)
+            for offset, new_node in enumerate(replacement):
+                model.graph.node.insert(index + offset, new_node)
+            quantized.append(table.name)
+            continue
         base = block_table(tables, table.name, ArraySource({table.name: _external_array(table, folder)}), table.name,
                            bits, block_size)
         blocks = tables.placements[base + ".scales"].shape[1]
@@ -268,6 +289,48 @@ def _quantize_embeddings(target: str, vocab_size: int, bits: int, block_size: in
             handle.write(model.SerializeToString())
         onnx.checker.check_model(target)
     return sorted(set(quantized)), sorted(set(kept))
+
+
+def _external_place(tensor: onnx.TensorProto) -> tuple[str, int] | None:
+    info = {entry.key: entry.value for entry in tensor.external_data}
+    if tensor.data_location != onnx.TensorProto.EXTERNAL or "location" not in info:
+        return None
+    return info["location"], int(info.get("offset", 0))
+
+
+def _tied_table(folder: str, files: dict) -> tuple[str, np.ndarray] | None:
+    """(name, fp32 rows memory-mapped) of the embedding table the fp32 head reads, when the head is tied to it
+    (its first weight starts where a graph's [V, d] Gather table starts, in the same file), else None."""
+    head = onnx.load(os.path.join(folder, files["head"]["path"]), load_external_data=False)
+    weights = {t.name: t for t in head.graph.initializer}
+    first = next((weights[n.input[1]] for n in head.graph.node if n.op_type in ("Gemm", "MatMul")
+                  and n.input[1] in weights), None)
+    place = _external_place(first) if first is not None else None
+    if place is None:
+        return None
+    for role, entry in files.items():
+        if role in ("head", *OPTIONAL_ROLES):
+            continue
+        graph = onnx.load(os.path.join(folder, entry["path"]), load_external_data=False).graph
+        tables = {t.name: t for t in graph.initializer if len(t.dims) == 2 and t.data_type == onnx.TensorProto.FLOAT}
+        for node in graph.node:
+            table = tables.get(node.input[0]) if node.op_type == "Gather" else None
+            if table is not None and _external_place(table) == place:
+                return table.name, _external_array(table, os.path.dirname(os.path.join(folder, entry["path"])))
+    return None
+
+
+def _tied_int8_head(partial: str, tables: WeightFile, name: str, rows: np.ndarray) -> None:
+    """Replace the variant's head by the export's int8-dynamic form over the table's int8 rows in `tables`
+    (written by _quantize_embeddings): QGemm in row blocks, no weight of its own."""
+    from .families.common import output_graphs
+
+    graph = output_graphs(rows.shape[1], ArraySource({name: rows}), name, tables, name, WeightPlan("int8-dynamic"),
+                          tied=True)[0][0]
+    for stale in ("head.onnx", "head.onnx.data"):
+        if os.path.exists(os.path.join(partial, stale)):
+            os.remove(os.path.join(partial, stale))
+    save_graph(partial, graph, "head.onnx")
 
 
 def _compact_external_data(model: onnx.ModelProto, folder: str) -> None:
@@ -351,18 +414,29 @@ def add_variant(folder: str, manifest: dict, mode: str, block_size: int | None =
     roles = [role for role in fp32_files if role not in OPTIONAL_ROLES]
     embedded: set[str] = set()
     bits = WeightPlan(mode).bits  # of the embedding's blocks, as the export writes them
+    # int8-dynamic with a tied head: onnxruntime's quantizer would write the head over the transposed table, a
+    # second copy; the export's form instead (QGemm over the embedding's int8 rows), written below
+    tied = _tied_table(folder, fp32_files) if mode == "int8-dynamic" else None
+    if tied is not None and any(fnmatch.fnmatchcase(n, p) for n in (tied[0], "lm_head") for p in patterns):
+        tied = None  # the table or the head stays fp32: nothing to share
     with variant_folder(folder, name) as partial:
         tables = WeightFile(EMBEDDINGS_FILE).bind(partial)
         for role in roles:
+            if tied is not None and role == "head":
+                kept[role] = []  # written after the embedding's rows (_tied_int8_head)
+                continue
             entry = fp32_files[role]
             target = os.path.join(partial, f"{role}.onnx")
             details, kept[role] = _quantize_graph(os.path.join(folder, entry["path"]), target, mode, block_size,
                                                   patterns)
             if mode != "fp16":
                 done, table_kept = _quantize_embeddings(target, int(manifest["tokens"]["vocab_size"]), bits, block_size,
-                                                        patterns, tables)
+                                                        patterns, tables, tied[0] if tied else None)
                 embedded.update(done)
                 kept[role] += table_kept
+        if tied is not None:
+            _tied_int8_head(partial, tables, *tied)
+            details["head"] = f"DynamicQuantizeLinear + com.microsoft.QGemm (transB) over the int8 rows of {tied[0]}"
         if not tables.placements:
             os.remove(os.path.join(partial, EMBEDDINGS_FILE))
     files = {role: file_entry(folder, os.path.join(name, f"{role}.onnx")) for role in roles}
@@ -372,6 +446,8 @@ def add_variant(folder: str, manifest: dict, mode: str, block_size: int | None =
     if embedded:
         details["embedding"] = (f"com.microsoft.GatherBlockQuantized, {bits}-bit blocks of "
                                 f"{block_size}, stored once in {name}/{EMBEDDINGS_FILE}: {', '.join(sorted(embedded))}")
+        if "head" in details:
+            details["embedding"] = f"int8 rows, one scale per row, shared with the head: {tied[0]}"
     manifest["variants"][name] = {"quantization": details, "files": files}
     record_aliases(manifest)
     return name

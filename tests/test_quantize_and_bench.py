@@ -123,7 +123,9 @@ def test_keep_fp32_patterns_are_applied_and_recorded(quantized):
 @pytest.mark.parametrize("name", ["mt5", "bloom"])
 def test_quantize_stores_the_embedding_once_and_quantized(quantized, name):
     """`xmtf-onnx quantize` leaves no fp32 [vocab, d] table in an int8/int4 variant: one GatherBlockQuantized table
-    in the variant's embeddings.bin, which every graph reading it (mT0's encoder and decoder) shares; fp16 keeps it."""
+    in the variant's embeddings.bin, which every graph reading it (mT0's encoder and decoder) shares; fp16 keeps it.
+    BLOOM's int8-dynamic head is tied to the table: it reads the same int8 rows (QGemm) as the embedding's Gather,
+    as `export --quantize int8` writes it, rather than onnxruntime's MatMulInteger over a transposed copy."""
     import onnx
 
     folder = quantized[name]
@@ -131,19 +133,30 @@ def test_quantize_stores_the_embedding_once_and_quantized(quantized, name):
     vocab, depth = manifest.tokens["vocab_size"], manifest.data["hidden_size"]
     for variant, bits in (("int8-dynamic", 8), ("int8-weight", 8), ("int4-weight", 4)):
         files = manifest.variant(variant)["files"]
+        tied = name == "bloom" and variant == "int8-dynamic"
         readers = 0
         for role in ("encoder", "decoder"):
             if role not in files:
                 continue
             graph = onnx.load(str(folder / files[role]["path"]), load_external_data=False).graph
-            tables = [t.name for t in graph.initializer if list(t.dims) == [vocab, depth]]
+            tables = [t.name for t in graph.initializer
+                      if list(t.dims) == [vocab, depth] and t.data_type == onnx.TensorProto.FLOAT]
             assert not tables, (variant, role, tables)
-            gathers = [n for n in graph.node if n.op_type == "GatherBlockQuantized"]
-            assert len(gathers) == 1 and next(a.i for a in gathers[0].attribute if a.name == "bits") == bits
+            if tied:
+                int8 = {t.name for t in graph.initializer if t.data_type == onnx.TensorProto.INT8}
+                assert len([n for n in graph.node if n.op_type == "Gather" and n.input[0] in int8]) == 1
+            else:
+                gathers = [n for n in graph.node if n.op_type == "GatherBlockQuantized"]
+                assert len(gathers) == 1 and next(a.i for a in gathers[0].attribute if a.name == "bits") == bits
             assert f"{variant}/embeddings.bin" in [d["path"] for d in files[role]["data"]]
             readers += 1
         assert readers == (2 if name == "mt5" else 1)
-        assert "GatherBlockQuantized" in manifest.variant(variant)["quantization"]["embedding"]
+        embedding = manifest.variant(variant)["quantization"]["embedding"]
+        assert ("shared with the head" if tied else "GatherBlockQuantized") in embedding
+        if tied:
+            head = onnx.load(str(folder / files["head"]["path"]), load_external_data=False).graph
+            assert "QGemm" in [n.op_type for n in head.node]
+            assert [d["path"] for d in files["head"]["data"]] == [f"{variant}/embeddings.bin"]
         # the graphs' own data files hold no copy of the table any more
         table_bytes = vocab * depth * 4
         own = sum(d["bytes"] for f in files.values() for d in f["data"] if not d["path"].endswith("embeddings.bin"))

@@ -28,7 +28,7 @@ def restricted(family_exports, tmp_path_factory):
     for name in family_exports:
         folder = tmp_path_factory.mktemp("restricted") / name
         # built at export: QGemm (BLOOM's tied table) or DynamicQuantizeMatMul, and MatMulNBits heads;
-        # onnxruntime's quantizer: MatMulInteger
+        # `quantize`: MatMulInteger (onnxruntime's quantizer), QGemm for a tied table
         export(_checkpoint(family_exports, name), folder, quantize=["int8-dynamic", "int4-weight"], progress=False)
         quantize_folder(str(folder), "int8", name="int8-ort")
         model = load(folder)
@@ -107,10 +107,11 @@ def test_restricted_beams_equal_transformers_renormalised(restricted, family_exp
 
 
 @pytest.mark.parametrize("family_name", ["mt5", "bloom"])
-# int8-dynamic: QGemm over the int8 rows of a head tied to the embedding (BLOOM), else DynamicQuantizeMatMul
+# int8-dynamic: QGemm over the int8 rows of a head tied to the embedding (BLOOM), else DynamicQuantizeMatMul (export)
+# or MatMulInteger (onnxruntime's quantizer)
 @pytest.mark.parametrize("variant, head", [("int4-weight", "MatMulNBits"),
                                            ("int8-dynamic", {"mt5": "DynamicQuantizeMatMul", "bloom": "QGemm"}),
-                                           ("int8-ort", "MatMulInteger")])
+                                           ("int8-ort", {"mt5": "MatMulInteger", "bloom": "QGemm"})])
 def test_restricted_quantized_head_is_the_base_heads_rows(restricted, family_name, variant, head):
     """A quantized head's stored rows are copied, so its logits are the base head's at the kept columns."""
     made = restricted[family_name]
