@@ -391,11 +391,14 @@ def _built_quantization(mode: str, plan, graphs: list, roles: dict[str, str]) ->
               "onnxruntime": onnxruntime.__version__,
               "kept_fp32": {"patterns": list(plan.keep_fp32), "weights": kept}, "quantized_weights": len(quantized)}
     if mode == "int8-dynamic":
+        tied = any(node.op_type == "QGemm" for graph in graphs for node in graph.nodes)
+        head = {"head": "DynamicQuantizeLinear + com.microsoft.QGemm (transB) over the embedding's int8 rows"} if tied \
+            else {}
+        embedding = ("int8 rows, one scale per row, shared with the head" if tied
+                     else f"com.microsoft.GatherBlockQuantized, 8-bit blocks of {plan.block_size}")
         return {"method": "dynamic", "weight_type": "int8", "per_channel": True, "ops": ["MatMul"],
-                "op": "com.microsoft.DynamicQuantizeMatMul",
-                "activations": "uint8, quantized per call", "providers": ["cpu"],
-                "embedding": f"com.microsoft.GatherBlockQuantized, 8-bit blocks of {plan.block_size}; tied to the "
-                             "head: a Gather of the int8 rows the head's QGemm (transB) reads, stored once", **common}
+                "op": "com.microsoft.DynamicQuantizeMatMul", "activations": "uint8, quantized per call",
+                "providers": ["cpu"], **head, "embedding": embedding, **common}
     return {"method": "weight-only", "weight_type": f"int{plan.bits}", "block_size": plan.block_size, "symmetric": True,
             "ops": ["MatMul"], "op": "com.microsoft.MatMulNBits", "accuracy_level": 4, "providers": ["cpu", "cuda"],
             "embedding": f"com.microsoft.GatherBlockQuantized over the same {plan.bits}-bit blocks "

@@ -123,6 +123,8 @@ def test_a_tied_table_is_stored_once(bloom_checkpoint, variant, tmp_path):
     assert ranges[0][1] == start and sum(r[2] for r in ranges) == length  # the head's rows cover the table, once
     files = sorted(os.listdir(folder))
     assert not any(name.startswith("head.onnx.") for name in files), files  # the head has no data of its own
+    if variant == "int8-dynamic":
+        assert "shared with the head" in read_manifest(output).variant(variant)["quantization"]["embedding"]
     assert load(output).generate(input_ids=PROMPTS, max_new_tokens=3).sequences
 
 
