@@ -65,11 +65,15 @@ def _run(session: ort.InferenceSession, device: str, cpu_inputs: dict[str, np.nd
         binding.bind_output(name, "cpu")
     for name in device_outputs:
         binding.bind_output(name, device)
+    _execute(session, binding)
+    return binding.get_outputs()
+
+
+def _execute(session: ort.InferenceSession, binding: ort.IOBinding) -> None:
     try:
         session.run_with_iobinding(binding)
     except Exception as e:
         raise InferenceError(f"onnxruntime failed running {session._model_path}: {e}") from e
-    return binding.get_outputs()
 
 
 class Runner:
@@ -156,10 +160,7 @@ class Runner:
             state.binding.bind_ortvalue_output("hidden", ort.OrtValue.ortvalue_from_numpy(state.hidden))
         for name, array in feeds.items():
             state.binding.bind_cpu_input(name, array)
-        try:
-            session.run_with_iobinding(state.binding)
-        except Exception as e:
-            raise InferenceError(f"onnxruntime failed running {session._model_path}: {e}") from e
+        _execute(session, state.binding)
         state.length = past + new
         return state.hidden.copy()
 
