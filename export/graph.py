@@ -217,6 +217,11 @@ class Graph:
         self.constants.append(numpy_helper.from_array(np.asarray(array, dtype=dtype), name))
         return name
 
+    def extend(self, nodes: list[onnx.NodeProto]) -> str:
+        """Nodes made by a helper both the builder and `quantize` use; returns the last one's (first) output."""
+        self.nodes.extend(nodes)
+        return nodes[-1].output[0]
+
     def op(self, op_type: str, inputs: list[str], name: str | None = None, outputs: int = 1,
            domain: str = "", **attributes) -> str | list[str]:
         out_names = [name] if (name and outputs == 1) else [self._fresh(op_type) for _ in range(outputs)]
@@ -525,6 +530,17 @@ def int8_rows_table(weights: WeightFile, key: str, source, name: str) -> str:
             check_quantized(weights, name, rows, base, start, transposed=False)
             start += len(rows)
     return base
+
+
+def int8_rows_lookup(table: str, scales: str, ids: str, output: str) -> list[onnx.NodeProto]:
+    """The rows of an int8 [V, d] table for ids [batch, seq], each times its row's scale (`scales` [V, 1]) -> `output`
+    [batch, seq, d] fp32: the embedding over the rows a tied int8-dynamic head's QGemm reads (int8_rows_table), as
+    the builder and `xmtf-onnx quantize` write it."""
+    return [helper.make_node("Gather", [table, ids], [output + ".int8"], name=output + ".gather", axis=0),
+            helper.make_node("Cast", [output + ".int8"], [output + ".float"], name=output + ".cast",
+                             to=TensorProto.FLOAT),
+            helper.make_node("Gather", [scales, ids], [output + ".scale"], name=output + ".gather_scale", axis=0),
+            helper.make_node("Mul", [output + ".float", output + ".scale"], [output], name=output + ".scaled")]
 
 
 def int8_columns_table(weights: WeightFile, key: str, source, name: str) -> str:

@@ -26,7 +26,7 @@ from xmtf_onnx.runtime.manifest import OPTIONAL_ROLES, read_manifest, write_mani
 from .errors import ExportError, OutputExistsError
 from .exporter import file_entry
 from .graph import (ALIGNMENT, MS_DOMAIN, PAGE, PAGE_ALIGNED_FROM, WeightFile, WeightPlan, block_table,
-                    int8_rows_table, save_graph)
+                    int8_rows_lookup, int8_rows_table, save_graph)
 from .weights import ArraySource
 
 MODES = ("int8-dynamic", "int8-weight", "int4-weight", "fp16")
@@ -245,16 +245,9 @@ def _quantize_embeddings(target: str, vocab_size: int, bits: int, block_size: in
         if table.name == tied:
             base = int8_rows_table(tables, table.name, ArraySource({table.name: _external_array(table, folder)}),
                                    table.name)
-            model.graph.initializer.extend([tables.tensor(base, base), tables.tensor(base + ".scale[V,1]", base + ".scale",
-                                                                                     (vocab_size, 1))])
-            rows, ids = node.output[0], node.input[1]
-            replacement = [onnx.helper.make_node("Gather", [base, ids], [rows + ".int8"], name=node.name, axis=0),
-                           onnx.helper.make_node("Cast", [rows + ".int8"], [rows + ".rows"], name=node.name + ".cast",
-                                                 to=onnx.TensorProto.FLOAT),
-                           onnx.helper.make_node("Gather", [base + ".scale[V,1]", ids], [rows + ".scale"],
-                                                 name=node.name + ".scale", axis=0),
-                           onnx.helper.make_node("Mul", [rows + ".rows", rows + ".scale"], [rows],
-                                                 name=node.name + ".scaled")]
+            scales = tables.tensor(base + ".scale[V,1]", base + ".scale", (vocab_size, 1))
+            model.graph.initializer.extend([tables.tensor(base, base), scales])
+            replacement = int8_rows_lookup(base, scales.name, node.input[1], node.output[0])
             model.graph.node.remove(node)
             for offset, new_node in enumerate(replacement):
                 model.graph.node.insert(index + offset, new_node)
@@ -321,15 +314,12 @@ def _tied_table(folder: str, files: dict) -> tuple[str, np.ndarray] | None:
 
 
 def _tied_int8_head(partial: str, tables: WeightFile, name: str, rows: np.ndarray) -> None:
-    """Replace the variant's head by the export's int8-dynamic form over the table's int8 rows in `tables`
+    """Write the variant's head in the export's int8-dynamic form over the table's int8 rows in `tables`
     (written by _quantize_embeddings): QGemm in row blocks, no weight of its own."""
     from .families.common import output_graphs
 
     graph = output_graphs(rows.shape[1], ArraySource({name: rows}), name, tables, name, WeightPlan("int8-dynamic"),
                           tied=True)[0][0]
-    for stale in ("head.onnx", "head.onnx.data"):
-        if os.path.exists(os.path.join(partial, stale)):
-            os.remove(os.path.join(partial, stale))
     save_graph(partial, graph, "head.onnx")
 
 
@@ -443,11 +433,11 @@ def add_variant(folder: str, manifest: dict, mode: str, block_size: int | None =
     if "screen" in fp32_files and "lm_head" in kept.get("head", []):
         files["screen"] = fp32_files["screen"]  # the head is still the fp32 projection the screen bounds
     details.update(onnxruntime=onnxruntime.__version__, mode=mode, kept_fp32={"patterns": list(patterns), "weights": kept})
-    if embedded:
+    if tied is not None:
+        details["embedding"] = f"int8 rows, one scale per row, shared with the head: {tied[0]}"
+    elif embedded:
         details["embedding"] = (f"com.microsoft.GatherBlockQuantized, {bits}-bit blocks of "
                                 f"{block_size}, stored once in {name}/{EMBEDDINGS_FILE}: {', '.join(sorted(embedded))}")
-        if "head" in details:
-            details["embedding"] = f"int8 rows, one scale per row, shared with the head: {tied[0]}"
     manifest["variants"][name] = {"quantization": details, "files": files}
     record_aliases(manifest)
     return name

@@ -112,10 +112,10 @@ class Runner:
 
     def _decode(self, state: DecodeState, feeds: dict[str, np.ndarray], beam_idx: np.ndarray) -> np.ndarray:
         """One decoder call: feeds + past -> hidden [rows, d] on the host; presents stay on the device."""
+        if self.shared_cache:
+            return self._decode_shared(state, feeds, beam_idx)
         values = dict(zip(self.past_names, state.past))
         values.update(zip(self.cross_names, state.cross))
-        if self.shared_cache:
-            return self._decode_shared(state, feeds, beam_idx, values)
         feeds["beam_idx"] = beam_idx
         rows, new = feeds["input_ids"].shape
         presents = self._presents(state, rows, self.past_length(state) + new)
@@ -123,8 +123,7 @@ class Runner:
         state.past = list(presents.values())
         return outputs[-1].numpy()
 
-    def _decode_shared(self, state: DecodeState, feeds: dict[str, np.ndarray], beam_idx: np.ndarray,
-                       values: dict[str, ort.OrtValue]) -> np.ndarray:
+    def _decode_shared(self, state: DecodeState, feeds: dict[str, np.ndarray], beam_idx: np.ndarray) -> np.ndarray:
         """One call of the shared-buffer decoder: each layer's past and present are one buffer, bound as both, that
         the graph writes this step's keys and values into. Beam search's reorder happens here, in place, on the
         rows that change (greedy and sampling never copy the cache); the buffers grow (doubling) when the request's
@@ -147,13 +146,12 @@ class Runner:
 
             host_map(reorder, [group for group in groups if group.size], self.threads)
         session = self.sessions["decoder"]
-        if state.binding is None or state.hidden is None or state.hidden.shape[0] != rows:
+        if state.binding is None or state.hidden.shape[0] != rows:  # hidden is bound with the binding
             state.past = [ort.OrtValue.ortvalue_from_numpy(buffer[:rows]) for buffer in state.shared]
-            values.update(zip(self.past_names, state.past))
             width = next(output.shape[-1] for output in session.get_outputs() if output.name == "hidden")
             state.hidden = np.empty((rows, int(width)), np.float32)
             state.binding = session.io_binding()
-            for name, value in values.items():
+            for name, value in [*zip(self.past_names, state.past), *zip(self.cross_names, state.cross)]:
                 state.binding.bind_ortvalue_input(name, value)
             for name, value in zip(self.present_names, state.past):
                 state.binding.bind_ortvalue_output(name, value)

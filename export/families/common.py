@@ -7,7 +7,7 @@ import math
 import numpy as np
 
 from ..graph import (PAGE, SHARED_SUFFIX, MS_DOMAIN, Graph, Placement, WeightFile, WeightPlan, block_table, fp32_table,
-                     int8_columns_table, int8_rows_table)
+                     int8_columns_table, int8_rows_lookup, int8_rows_table)
 from ..weights import WeightSource
 
 HEAD_WEIGHT = "lm_head"  # the output projection's name for keep-fp32 patterns, tied or not
@@ -66,8 +66,6 @@ def embedding(graph: Graph, ids: str, source: WeightSource, name: str, weights: 
     GatherBlockQuantized over the plan's blocks (8-bit blocks for int8-dynamic), the bytes of the weight-only
     modes' MatMulNBits head; int8-dynamic with the head `tied` to the table: a Gather of the int8 rows its QGemm
     reads, scaled per row. A tied table is stored once."""
-    from onnx import TensorProto
-
     plan = graph.plan
     vocab, depth = source.shape(name)
     if not plan.quantizes(key):
@@ -78,10 +76,8 @@ def embedding(graph: Graph, ids: str, source: WeightSource, name: str, weights: 
     graph.quantized.append(key)
     if plan.mode == "int8-dynamic" and tied:
         base = int8_rows_table(weights, key, source, name)
-        rows = graph.op("Cast", [graph.op("Gather", [graph.refer(base, weights, base), ids], axis=0)],
-                        to=TensorProto.FLOAT)
-        scales = graph.op("Gather", [graph.refer(base + ".scale", weights, base + ".scale", (vocab, 1)), ids], axis=0)
-        return graph.op("Mul", [rows, scales])
+        scales = graph.refer(base + ".scale", weights, base + ".scale", (vocab, 1))
+        return graph.extend(int8_rows_lookup(graph.refer(base, weights, base), scales, ids, base + ".rows"))
     bits = plan.bits
     base = block_table(weights, key, source, name, bits, plan.block_size)
     blocks = weights.placements[base + ".scales"].shape[1]
