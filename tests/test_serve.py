@@ -207,7 +207,8 @@ def test_a_short_request_joins_a_running_batch_and_leaves_first(served):
     one, and both get what generate() gives them alone."""
     running, model = served
     prompts = sample_prompts(2)
-    long, short = {"prompt": prompts[0], "max_tokens": 160, "min_tokens": 160}, {"prompt": prompts[1], "max_tokens": 3}
+    # long enough (500 of the server's 512) that the short one's round trip cannot outlast it on a fast machine
+    long, short = {"prompt": prompts[0], "max_tokens": 500, "min_tokens": 500}, {"prompt": prompts[1], "max_tokens": 3}
     started, finished = threading.Event(), {}
     pieces = []
 
@@ -227,7 +228,7 @@ def test_a_short_request_joins_a_running_batch_and_leaves_first(served):
     thread.join(60)
     assert finished["short"] < finished["long"]  # it did not wait for the long request to end
     assert answer["token_ids"] == model.generate(prompts[1], max_new_tokens=3).sequences[0]
-    assert "".join(pieces) == model.generate(prompts[0], max_new_tokens=160, min_new_tokens=160).texts[0]
+    assert "".join(pieces) == model.generate(prompts[0], max_new_tokens=500, min_new_tokens=500).texts[0]
 
 
 @pytest.mark.slow
