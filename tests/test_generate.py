@@ -71,14 +71,19 @@ def _eos_ids(family, model, rows) -> list[int]:
     return sorted(set(candidates + [model.tokens["eos_token_id"][0]]))
 
 
-@pytest.mark.parametrize("options", SETTINGS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
-def test_batched_generate_equals_transformers(family, options):
+def _case(family, options: dict):
+    """The exported model, a padded batch of prompts, eos ids it really produces, and transformers' answer to
+    options on them: (model, rows, eos, (sequences, scores))."""
     model = load(family["export"])
-    reference = _reference_model(family)
     rows = _prompts(family, model)
     eos = _eos_ids(family, model, rows)
     pad = model.tokens["pad_token_id"]
-    expected, expected_scores = transformers_generate(reference, rows, model.kind, eos, pad, **options)
+    return model, rows, eos, transformers_generate(_reference_model(family), rows, model.kind, eos, pad, **options)
+
+
+@pytest.mark.parametrize("options", SETTINGS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
+def test_batched_generate_equals_transformers(family, options):
+    model, rows, eos, (expected, expected_scores) = _case(family, options)
     output = model.generate(input_ids=rows, eos_token_id=eos, output_scores=True, **options)
     assert output.sequences == expected
     if set(options) <= {"max_new_tokens", "num_beams", "num_return_sequences", "length_penalty"}:
@@ -237,11 +242,7 @@ SCREENED = [dict(max_new_tokens=12), dict(max_new_tokens=10, repetition_penalty=
 def test_screened_greedy_equals_transformers(family, options):
     """Greedy without scores picks its tokens through the screen; it must stay token-for-token exact, both where
     the screen certifies a row and where it falls back to the full logits."""
-    model = load(family["export"])
-    rows = _prompts(family, model)
-    eos = _eos_ids(family, model, rows)
-    pad = model.tokens["pad_token_id"]
-    expected, _ = transformers_generate(_reference_model(family), rows, model.kind, eos, pad, **options)
+    model, rows, eos, (expected, _) = _case(family, options)
     output = model.generate(input_ids=rows, eos_token_id=eos, output_scores=False, **options)
     assert output.sequences == expected
     assert output.metrics["screened_rows"] > 0
@@ -405,3 +406,54 @@ def test_shared_cache_grows_and_reorders_beams_in_place(family):
     np.testing.assert_allclose(np.stack(shared.runner.cache_arrays(states[1])).transpose(0, 1, 3, 2, 4)[:, real],
                                np.stack([v.numpy() for v in states[2].past]).transpose(0, 1, 3, 2, 4)[:, real],
                                rtol=1e-4, atol=1e-4)
+
+
+def test_wide_rows_are_told_by_their_own_maximum():
+    from xmtf_onnx.runtime.runners import wide_rows
+
+    rng = np.random.default_rng(0)
+    normal = rng.uniform(-80, 0, 50000)
+    wide = rng.uniform(-150, -88, 50000)  # most exps below float32's normal range
+    peaked = rng.uniform(-5, 5, 50000)
+    peaked[1234] = 120.0  # one peak a sample misses: every other exp is a denormal
+    wide[0] = 0.0
+    assert wide_rows(np.stack([normal, wide, peaked]).astype(np.float32)).tolist() == [False, True, True]
+
+
+@pytest.mark.parametrize("every_row", [True, False], ids=["floored-numpy", "in-place-onnxruntime"])
+@pytest.mark.parametrize("options", [SETTINGS[1], SETTINGS[3]], ids=["beams4", "beams4-processors"])
+def test_log_probs_by_row_equal_transformers(family, options, every_row, monkeypatch):
+    """The path a CPU with slow denormals takes (runners.slow_denormals): the head writes into the step's buffer,
+    wide rows are done by numpy with exp's argument floored, the others by onnxruntime in place. Beam search on it
+    equals transformers, with every row taken either way."""
+    from xmtf_onnx.runtime import runners
+
+    monkeypatch.setattr(runners, "slow_denormals", lambda: True)
+    monkeypatch.setattr(runners, "WIDE_SHARE", -1.0 if every_row else 2.0)
+    model, rows, eos, (expected, expected_scores) = _case(family, options)
+    output = model.generate(input_ids=rows, eos_token_id=eos, output_scores=True, **options)
+    assert output.sequences == expected
+    np.testing.assert_allclose(output.scores, expected_scores, atol=1e-3, rtol=1e-3)
+
+
+def test_log_probs_by_row_do_not_depend_on_the_batch(family, monkeypatch):
+    """Rows of both kinds mixed in one call: each row's log-probabilities are bit for bit those of the row alone, and
+    equal float64's log_softmax of the head's logits."""
+    from xmtf_onnx.runtime import runners
+
+    monkeypatch.setattr(runners, "slow_denormals", lambda: True)
+    monkeypatch.setattr(runners, "wide_rows", lambda scores, threads=None: scores[:, 0] > scores[:, 1])
+    model = load(family["export"])
+    runner = model.runner
+    hidden = np.random.default_rng(3).standard_normal((7, runner.sessions["head"].get_inputs()[0].shape[-1]))
+    hidden = hidden.astype(np.float32)
+    logits = runner.logits(hidden).astype(np.float64)
+    assert 0 < (logits[:, 0] > logits[:, 1]).sum() < 7, "the rows should take both paths"
+    together = runner.log_probs(hidden)
+    again = runner.log_probs(hidden, out=together)  # the previous step's buffer, as beam search passes it
+    assert again is together
+    for row in range(7):
+        assert np.array_equal(runner.log_probs(hidden[row:row + 1])[0], together[row])
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    reference = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+    np.testing.assert_allclose(together, reference, atol=1e-5)
