@@ -220,7 +220,7 @@ def softmax(scores: np.ndarray) -> np.ndarray:
 EXP_FLOOR = np.float32(-87.0)
 
 
-def _log_softmax_block(block: np.ndarray) -> None:
+def log_softmax_block(block: np.ndarray) -> None:
     block -= block.max(axis=-1, keepdims=True)  # [chunk, vocab], a view
     block -= np.log(np.exp(np.maximum(block, EXP_FLOOR)).sum(axis=-1, keepdims=True))
 
@@ -248,7 +248,7 @@ def log_softmax_inplace(scores: np.ndarray, rows_per_chunk: int = 4, threads: in
     `threads` threads (the model's; None: one per core; numpy's ufuncs release the GIL): at 8x4 beams over 250k
     tokens this was a third of mt0-small's step, single-threaded."""
     chunks = [scores[start:start + rows_per_chunk] for start in range(0, scores.shape[0], rows_per_chunk)]
-    host_map(_log_softmax_block, chunks, threads if scores.size >= 1 << 20 else 1)
+    host_map(log_softmax_block, chunks, threads if scores.size >= 1 << 20 else 1)
     return scores
 
 

@@ -22,7 +22,7 @@ import numpy as np
 import onnxruntime as ort
 
 from .errors import InferenceError
-from .generation import EXP_FLOOR, _log_softmax_block, host_map
+from .generation import EXP_FLOOR, host_map, log_softmax_block
 from .manifest import Manifest
 from .session import DEFAULT_POLICY, log_softmax_model, small_session, top_k_model
 
@@ -71,7 +71,7 @@ def _run(session: ort.InferenceSession, device: str, cpu_inputs: dict[str, np.nd
     return binding.get_outputs()
 
 
-WIDE_SHARE = 0.25  # a row is wide when more than this share of a sample of its logits is 87 below the sample's max
+WIDE_SHARE = 0.25  # a row is wide when more than this share of a sample of its logits is 87 below the row's max
 _SAMPLE_STRIDE = 509  # every 509th column: ~490 of 250k, one cache line each
 _denormals: list[bool] = []  # slow_denormals' answer, once per process
 _denormals_lock = threading.Lock()
@@ -90,7 +90,7 @@ def wide_rows(scores: np.ndarray, threads: int | None = None) -> np.ndarray:
 
 def slow_denormals() -> bool:
     """Whether onnxruntime's LogSoftmax on this CPU is over 3x slower on rows whose exps are denormals than on others
-    (measured once per process on one thread, ~10 ms: the Intel Xeon guest 6.6x; it handles denormals in microcode)."""
+    (measured once per process on one thread, ~15 ms: the Intel Xeon guest 6.6x; it handles denormals in microcode)."""
     with _denormals_lock:
         if not _denormals:
             session = small_session(log_softmax_model(), 1, DEFAULT_POLICY)
@@ -351,7 +351,7 @@ class Runner:
                 value = ort.OrtValue.ortvalue_from_numpy(out[start:stop])
                 _run(self._own(log_softmax_model), "cpu", {}, {"logits": value}, [], [], {"log_probs": value})
             start = stop + 1
-        host_map(_log_softmax_block, [out[row:row + 1] for row in np.flatnonzero(wide)], self.threads)
+        host_map(log_softmax_block, [out[row:row + 1] for row in np.flatnonzero(wide)], self.threads)
         return out
 
     def top_k(self, scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
