@@ -41,7 +41,10 @@ def markdown(report: dict) -> str:
     machine = report["machine"]
     lines = [f"# xmtf-onnx benchmark ({report['created']})", "",
              f"Machine: {machine.get('cpu', '?')}, {machine.get('cores')} cores; provider {report['provider']}, "
-             f"{_threads(report)}; checkpoint {report.get('checkpoint_dtype', 'float32')}; "
+             f"{_threads(report)}; "
+             + ("denormals slow here (beam search's log-softmax takes rows whose exps are denormals through numpy); "
+                if report.get("slow_denormals") else "")
+             + f"checkpoint {report.get('checkpoint_dtype', 'float32')}; "
              f"{report['new_tokens']} new tokens forced (min = max); prompts of "
              f"{report['prompt_tokens']} tokens; {report['repeats']} rounds, backends interleaved (A B C A B C), each run "
              f"after {report['warmup']} warm-up in its process: tok/s is the median round (best round in brackets); "

@@ -489,6 +489,9 @@ def main(argv: list[str] | None = None) -> int:
                                    **{k: v for k, v in record.items() if k != "file"}}  # no home paths in a report
         _log(f"xmtf thread policy: {policy.name} ({record['source']}"
              + (f"; ms per synthetic step: {record['ms_per_step']}" if "ms_per_step" in record else "") + ")")
+        from xmtf_onnx.runtime.runners import slow_denormals
+
+        report["slow_denormals"] = slow_denormals()  # beam search's log-softmax takes wide rows through numpy
     for model in args.models:
         # preset:NAME, or a checkpoint folder (the tests use tiny ones)
         preset = model[len("preset:"):] if model.startswith("preset:") else None
