@@ -229,9 +229,12 @@ def _tune(args: argparse.Namespace) -> int:
     def progress(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
+    from .runners import slow_denormals
+
     policy, record = policy_and_record(refresh=args.refresh, progress=progress)
+    denormals = slow_denormals()  # measured in this process, ~15 ms
     if args.json:
-        print(json.dumps({"policy": policy.name, **record}, indent=1))
+        print(json.dumps({"policy": policy.name, **record, "slow_denormals": denormals}, indent=1))
         return 0
     machine = record.get("machine", {})
     print(f"thread policy: {policy.name} ({policy.summary})")
@@ -248,6 +251,8 @@ def _tune(args: argparse.Namespace) -> int:
         if key in record:
             print(f"  {key}: {record[key]}")
     print(f"  force one: {ENV_POLICY}=" + "|".join(p.name for p in POLICIES) + " (or fixed, never measured)")
+    print("denormals: " + ("slow here: beam search's log-softmax takes rows whose exps are denormals through numpy, "
+                           "with exp's argument floored" if denormals else "no slower than other floats here"))
     return 0
 
 
@@ -428,7 +433,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Show the thread policy load() uses on this machine, measuring it first if no cached choice "
                     "exists (a few seconds: a synthetic decode step under each policy, interleaved). How threads spin "
                     "between a decode step's sessions decides speed on small models, and the best policy depends on "
-                    "the machine (on a 2-core AMD EPYC guest, pools left spinning halved mt0-small's tokens/s).",
+                    "the machine (on a 2-core AMD EPYC guest, pools left spinning halved mt0-small's tokens/s). It also "
+                    "says whether this CPU computes denormal floats slowly (measured in the process, ~15 ms), in which "
+                    "case beam search takes the rows whose exps would be denormals through numpy.",
         epilog="environment: XMTF_ONNX_THREAD_POLICY=auto (default) | fixed | a policy's name; XMTF_ONNX_CACHE="
                "the cache folder (default ~/.cache/xmtf-onnx).\nexample:\n  xmtf-onnx tune --refresh   "
                "# measure again (after moving the cache to another machine kind, or a busy first measurement)")
