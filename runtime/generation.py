@@ -220,8 +220,10 @@ def softmax(scores: np.ndarray) -> np.ndarray:
 EXP_FLOOR = np.float32(-87.0)
 
 
-def log_softmax_block(block: np.ndarray) -> None:
-    block -= block.max(axis=-1, keepdims=True)  # [chunk, vocab], a view
+def log_softmax_block(block: np.ndarray, maximum: np.ndarray | None = None) -> None:
+    """log_softmax over the last axis of block [chunk, vocab] (a view), written over it; maximum: its rows' maxima
+    [chunk, 1] when the caller has them."""
+    block -= block.max(axis=-1, keepdims=True) if maximum is None else maximum
     block -= np.log(np.exp(np.maximum(block, EXP_FLOOR)).sum(axis=-1, keepdims=True))
 
 

@@ -77,20 +77,29 @@ _denormals: list[bool] = []  # slow_denormals' answer, once per process
 _denormals_lock = threading.Lock()
 
 
-def wide_rows(scores: np.ndarray, threads: int | None = None) -> np.ndarray:
-    """[rows, columns] float32 -> bool [rows]: which rows' exps would mostly be denormals: a sample of each row against
-    the row's maximum (its exact maximum: a sample's can miss a peak by far), so the row alone decides."""
-    maxima = np.empty((scores.shape[0], 1), np.float32)
+def row_maxima(scores: np.ndarray, threads: int | None = None) -> np.ndarray:
+    """[rows, columns] -> each row's maximum [rows, 1], on `threads` host threads for a large array."""
+    maxima = np.empty((scores.shape[0], 1), scores.dtype)
 
-    def row_max(start: int) -> None:
+    def four_rows(start: int) -> None:
         maxima[start:start + 4] = scores[start:start + 4].max(axis=1, keepdims=True)
-    host_map(row_max, list(range(0, scores.shape[0], 4)), threads if scores.size >= 1 << 20 else 1)
+    host_map(four_rows, list(range(0, scores.shape[0], 4)), threads if scores.size >= 1 << 20 else 1)
+    return maxima
+
+
+def wide_rows(scores: np.ndarray, maxima: np.ndarray | None = None) -> np.ndarray:
+    """[rows, columns] float32 -> bool [rows]: which rows' exps would mostly be denormals: a sample of each row against
+    the row's exact maximum (maxima [rows, 1], computed when not given: a sample's can miss a peak by far), so the row
+    alone decides."""
+    maxima = row_maxima(scores) if maxima is None else maxima
     return (scores[:, ::_SAMPLE_STRIDE] < maxima + EXP_FLOOR).mean(axis=1) > WIDE_SHARE
 
 
 def slow_denormals() -> bool:
     """Whether onnxruntime's LogSoftmax on this CPU is over 3x slower on rows whose exps are denormals than on others
     (measured once per process on one thread, ~15 ms: the Intel Xeon guest 6.6x; it handles denormals in microcode)."""
+    if _denormals:  # every step asks: no lock once known
+        return _denormals[0]
     with _denormals_lock:
         if not _denormals:
             session = small_session(log_softmax_model(), 1, DEFAULT_POLICY)
@@ -344,14 +353,15 @@ class Runner:
         else:
             _run(self.sessions["head"], "cpu", {"hidden": hidden}, {}, [], [],
                  {"logits": ort.OrtValue.ortvalue_from_numpy(out)})
-        wide = wide_rows(out, self.threads)
+        maxima = row_maxima(out, self.threads)
+        wide = np.flatnonzero(wide_rows(out, maxima))
         start = 0
-        for stop in [*np.flatnonzero(wide), rows]:  # each run of narrow rows: onnxruntime's LogSoftmax, in place
+        for stop in [*wide, rows]:  # each run of narrow rows: onnxruntime's LogSoftmax, in place
             if stop > start:
                 value = ort.OrtValue.ortvalue_from_numpy(out[start:stop])
                 _run(self._own(log_softmax_model), "cpu", {}, {"logits": value}, [], [], {"log_probs": value})
             start = stop + 1
-        host_map(log_softmax_block, [out[row:row + 1] for row in np.flatnonzero(wide)], self.threads)
+        host_map(lambda row: log_softmax_block(out[row:row + 1], maxima[row:row + 1]), list(wide), self.threads)
         return out
 
     def top_k(self, scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

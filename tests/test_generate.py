@@ -442,7 +442,7 @@ def test_log_probs_by_row_do_not_depend_on_the_batch(family, monkeypatch):
     from xmtf_onnx.runtime import runners
 
     monkeypatch.setattr(runners, "slow_denormals", lambda: True)
-    monkeypatch.setattr(runners, "wide_rows", lambda scores, threads=None: scores[:, 0] > scores[:, 1])
+    monkeypatch.setattr(runners, "wide_rows", lambda scores, maxima=None: scores[:, 0] > scores[:, 1])
     model = load(family["export"])
     runner = model.runner
     hidden = np.random.default_rng(3).standard_normal((7, runner.sessions["head"].get_inputs()[0].shape[-1]))
