@@ -277,6 +277,47 @@ def beam_candidates(log_probs: np.ndarray, running_scores: np.ndarray, keep: int
     return np.take_along_axis(index, picked, axis=1), np.take_along_axis(total, picked, axis=1)
 
 
+TOP_K_SAMPLE = 4096  # columns of each row a sampled top-k looks at to set its threshold
+
+
+def sampled_top_k(scores: np.ndarray, k: int, threads: int | None = None) -> tuple[np.ndarray, np.ndarray] | None:
+    """The k largest of each row of scores [rows, columns] float32, largest first, ties in column order, as
+    onnxruntime's TopK -> (values, column indices), [rows, k] each; None when the sample meets a NaN (a row of NaN
+    log-probs: the caller ranks it another way, and reports it) or a row is no longer than k.
+
+    Exact: the k-th largest of an evenly spaced sample of a row is at most the row's k-th largest, so the columns at
+    or above it (about k x columns / TOP_K_SAMPLE of them) hold the row's best k, ties included, and only those are
+    sorted. Rows in blocks of 4 on `threads` host threads (numpy's compare and nonzero release the GIL)."""
+    rows, columns = scores.shape
+    k = min(k, columns)
+    stride = max(1, columns // TOP_K_SAMPLE)
+    sample = scores[:, ::stride]
+    if sample.shape[1] <= k:
+        return None
+    threshold = np.partition(sample, sample.shape[1] - k, axis=1)[:, sample.shape[1] - k]  # NaN sorts last: found
+    if np.isnan(threshold).any():
+        return None
+    values = np.empty((rows, k), np.float32)
+    indices = np.empty((rows, k), np.int64)
+    failed = []
+
+    def four_rows(start: int) -> None:
+        block = scores[start:start + 4]
+        flat = np.flatnonzero(block >= threshold[start:start + 4, None])
+        row, column = np.divmod(flat, columns)
+        value = block.reshape(-1)[flat]
+        order = np.lexsort((column, -value, row))  # by row, then value descending, then column
+        first = np.searchsorted(row[order], np.arange(block.shape[0]))
+        counts = np.diff(np.append(first, flat.size))
+        if (counts < k).any():  # only a NaN the sample missed makes a row short
+            failed.append(start)
+            return
+        picked = order[first[:, None] + np.arange(k)]
+        values[start:start + 4], indices[start:start + 4] = value[picked], column[picked]
+    host_map(four_rows, list(range(0, rows, 4)), threads if scores.size >= 1 << 20 else 1)
+    return None if failed else (values, indices)
+
+
 def topk_sorted(values: np.ndarray, k: int) -> np.ndarray:
     """Indices of the k largest per row, largest first. values [rows, n] -> [rows, k]"""
     if k >= values.shape[1]:

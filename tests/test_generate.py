@@ -234,6 +234,46 @@ def test_beam_candidates_equal_the_dense_top_k(seed):
     np.testing.assert_array_equal(scores, np.take_along_axis(dense, expected, axis=1))
 
 
+@pytest.mark.parametrize("shape,k", [((5, 37), 8), ((3, 9000), 8), ((9, 20000), 3), ((2, 5000), 5000), ((4, 8), 12)])
+def test_sampled_top_k_equals_onnxruntime_topk(shape, k):
+    """generation.sampled_top_k, which beam search takes where it is faster: the same values and columns as
+    onnxruntime's TopK (largest first, ties in column order) on rows full of ties and -inf, k up to the row's
+    length and beyond, and no answer (the TopK ranks it) when a row is NaN."""
+    from xmtf_onnx.runtime.generation import sampled_top_k
+    from xmtf_onnx.runtime.session import small_session, top_k_model
+
+    rng = np.random.default_rng(shape[1])
+    scores = rng.integers(-6, 0, size=shape).astype(np.float32)
+    scores[rng.random(shape) < 0.2] = -np.inf
+    scores[0] = -np.inf
+    k = min(k, shape[1])
+    expected = small_session(top_k_model(), 2).run(None, {"scores": scores, "k": np.array([k], np.int64)})
+    found = sampled_top_k(scores, k, threads=2)
+    if shape[1] <= k:  # a sample of the row cannot be shorter than k: the caller ranks it with the TopK
+        assert found is None
+        return
+    np.testing.assert_array_equal(found[0], expected[0])
+    np.testing.assert_array_equal(found[1], expected[1])
+    scores[-1] = np.nan
+    assert sampled_top_k(scores, k) is None
+
+
+@pytest.mark.parametrize("options", [SETTINGS[1], SETTINGS[3]], ids=["beams4", "beams4-processors"])
+def test_beam_search_on_sampled_top_k_equals_transformers(family, options, monkeypatch):
+    """Beam search with every step's candidates from generation.sampled_top_k equals transformers."""
+    from xmtf_onnx.runtime import generation, runners
+
+    taken = []
+    monkeypatch.setattr(runners, "SAMPLED_TOP_K_MIN", 0)
+    monkeypatch.setattr(runners, "_top_k", [True])
+    monkeypatch.setattr(runners, "sampled_top_k", lambda *a: taken.append(1) or generation.sampled_top_k(*a))
+    model, rows, eos, (expected, expected_scores) = _case(family, options)
+    output = model.generate(input_ids=rows, eos_token_id=eos, output_scores=True, **options)
+    assert taken, "the sampled top-k should have ranked the candidates"
+    assert output.sequences == expected
+    np.testing.assert_allclose(output.scores, expected_scores, atol=1e-3, rtol=1e-3)
+
+
 SCREENED = [dict(max_new_tokens=12), dict(max_new_tokens=10, repetition_penalty=1.5, no_repeat_ngram_size=2),
             dict(max_new_tokens=10, min_new_tokens=10)]
 
