@@ -75,7 +75,7 @@ WIDE_SHARE = 0.25  # a row is wide when more than this share of a sample of its 
 _SAMPLE_STRIDE = 509  # every 509th column: ~490 of 250k, one cache line each
 _denormals: list[bool] = []  # slow_denormals' answer, once per process
 _denormals_lock = threading.Lock()
-SAMPLED_TOP_K_MIN = 1 << 22  # scores from which top_k may take generation.sampled_top_k (16 rows of 250k: 4x4 beams)
+SAMPLED_TOP_K_MIN = 1 << 21  # scores from which top_k may take generation.sampled_top_k (8 rows of 250k: 2x4 beams)
 _top_k: list[bool] = []  # sampled_top_k_faster's answer, once per process
 _top_k_lock = threading.Lock()
 
