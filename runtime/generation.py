@@ -209,15 +209,92 @@ def warp(scores: np.ndarray, config: GenerationConfig) -> np.ndarray:
     return scores
 
 
-def softmax(scores: np.ndarray) -> np.ndarray:
-    shifted = np.exp(scores - scores.max(axis=-1, keepdims=True))
-    return shifted / shifted.sum(axis=-1, keepdims=True)
-
-
 # exp's argument is floored here: e^-87 = 1.6e-38 is still a normal float32 (the smallest is 1.18e-38), so the sum
 # never meets a denormal, which some CPUs compute in microcode (9x slower on the Intel Xeon guest), and the terms it
 # raises add at most vocab x 1.6e-38 to a sum of at least 1: nothing in float32.
 EXP_FLOOR = np.float32(-87.0)
+TOP_K_SAMPLE = 4096  # columns of each row a sampled top-k looks at to set its threshold
+# probability mass left to the exact sort on either side of top-p's boundary, when top-p looks at a whole row
+TOP_P_MARGIN = 1e-4
+
+
+def _kth_largest(row: np.ndarray, k: int) -> np.float32:
+    """The k-th largest of row [columns] (finite maximum), from the few hundred columns at or above the k-th largest
+    of an evenly spaced sample (at most the row's: see sampled_top_k) rather than a partition of the whole row."""
+    stride = max(1, row.size // TOP_K_SAMPLE)
+    sample = row[::stride]
+    if sample.size > k:
+        above = row[row >= np.partition(sample, sample.size - k)[sample.size - k]]
+        return np.partition(above, above.size - k)[above.size - k]
+    return np.partition(row, row.size - k)[row.size - k]
+
+
+def sampling_distribution(row: np.ndarray, config: GenerationConfig) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
+    """What sampling draws from, for one row of processed scores [columns] float32: transformers' temperature, top-k
+    and top-p warpers, then softmax -> (the columns left, ascending, or None for every column; their warped scores,
+    float32, the row's maximum among them; their probabilities, float64, summing to 1).
+
+    The same columns and probabilities as softmax(warp(row)) (`warp` below, which the tests hold to transformers),
+    without sorting or exponentiating the whole row: top-k keeps the columns at or above the k-th largest (ties
+    kept); top-p sorts only the columns that can sit at its boundary — those top-k left, or, on a whole row, those
+    whose probability is at least (1 - top_p - TOP_P_MARGIN) / columns, since all the others together hold at most
+    1 - top_p - TOP_P_MARGIN and fall below it. Its weights floor exp's argument (EXP_FLOOR): a weight that small
+    is never near the boundary. mt0-small int8, 8 rows of 250112 on the Intel Xeon guest: a sampled step took 66 ms
+    with top_k=50 and 377 ms with top_p=0.9 when the whole row was warped, sorted and drawn from (greedy: 20 ms)."""
+    x = row / np.float32(config.temperature) if config.temperature != 1.0 else row
+    maximum = x.max()
+    if not np.isfinite(maximum):
+        raise InferenceError("the model's scores for a row are NaN, infinite or all -inf after the logits processors; "
+                             "sampling cannot draw from them. With a quantized or fp16 variant, try the fp32 one.")
+    columns = None
+    if 0 < config.top_k < x.size:
+        columns = np.flatnonzero(x >= _kth_largest(x, config.top_k))
+    values = x if columns is None else x[columns]
+    if config.top_p < 1.0:
+        weights = np.exp(np.maximum(values - maximum, EXP_FLOOR))  # float32, as transformers' softmax
+        total = weights.sum(dtype=np.float64)
+        candidates = np.arange(values.size)
+        if columns is None:  # the whole row: only the columns above a probability floor can reach the boundary
+            candidates = np.flatnonzero(weights >= (1.0 - config.top_p - TOP_P_MARGIN) / values.size * total)
+        order = candidates[np.argsort(values[candidates], kind="stable")]  # ascending, ties in column order
+        cumulative = (total - weights[order].sum(dtype=np.float64) + np.cumsum(weights[order], dtype=np.float64)) / total
+        remove = cumulative <= 1.0 - config.top_p
+        remove[-1] = False  # keep at least one token
+        kept = np.sort(order[~remove])
+        columns, values = (kept if columns is None else columns[kept]), values[kept]
+    probabilities = np.exp(values.astype(np.float64) - np.float64(maximum))
+    return columns, values, probabilities / probabilities.sum()
+
+
+def draw(probabilities: np.ndarray, rng: np.random.Generator) -> int:
+    """rng.choice(probabilities.size, p=probabilities), one uniform from rng mapped through the cumulative sum as
+    numpy's Generator.choice maps it (the same draw for the same rng state), without its checks of p."""
+    cdf = np.cumsum(probabilities)
+    cdf /= cdf[-1]
+    return int(np.searchsorted(cdf, rng.random(), side="right"))
+
+
+def sample_columns(scores: np.ndarray, config: GenerationConfig, rng: np.random.Generator,
+                   with_log_probs: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+    """One draw per row of processed scores [rows, columns] (sampling_distribution), rows in order from rng ->
+    (columns [rows], their log-probabilities under the warped distribution [rows] when asked, else None)."""
+    rows = scores.shape[0]
+    columns = np.empty(rows, np.int64)
+    log_probs = np.empty(rows, np.float32) if with_log_probs else None
+    for row in range(rows):
+        kept, values, probabilities = sampling_distribution(scores[row], config)
+        drawn = draw(probabilities, rng)
+        columns[row] = drawn if kept is None else kept[drawn]
+        if with_log_probs:  # log_softmax of the warped row, whose other columns are -inf; the maximum is always kept
+            maximum = values.max()
+            log_probs[row] = (values[drawn] - maximum) - np.log(
+                np.exp(np.maximum(values - maximum, EXP_FLOOR)).sum(dtype=np.float32))
+    return columns, log_probs
+
+
+def softmax(scores: np.ndarray) -> np.ndarray:
+    shifted = np.exp(scores - scores.max(axis=-1, keepdims=True))
+    return shifted / shifted.sum(axis=-1, keepdims=True)
 
 
 def log_softmax_block(block: np.ndarray, maximum: np.ndarray | None = None) -> None:
@@ -275,9 +352,6 @@ def beam_candidates(log_probs: np.ndarray, running_scores: np.ndarray, keep: int
     index = ((np.arange(rows) % beams)[:, None] * vocab + token).reshape(batch, beams * per_row)
     picked = np.lexsort((index, -total))[:, :keep]  # per item: score descending, then index
     return np.take_along_axis(index, picked, axis=1), np.take_along_axis(total, picked, axis=1)
-
-
-TOP_K_SAMPLE = 4096  # columns of each row a sampled top-k looks at to set its threshold
 
 
 def sampled_top_k(scores: np.ndarray, k: int, threads: int | None = None) -> tuple[np.ndarray, np.ndarray] | None:
@@ -344,23 +418,22 @@ def sample_tokens(runner, state, config: GenerationConfig, stop_check: Callable 
     hidden = runner.prefill(state)  # [rows, d]
     lean = screened(config)
     for generated in range(config.max_new_tokens):
+        token_scores = None
         if lean:
             tokens = greedy_tokens(runner, hidden, history, generated, config, timer)
         else:
             timer.full_rows += rows
             scores = process(runner.logits(hidden), history, generated, config, runner.vocabulary)  # its own buffer
             if config.do_sample:
-                scores = warp(scores, config)
-                probabilities = softmax(scores.astype(np.float64))
-                columns = np.array([rng.choice(p.shape[0], p=p) for p in probabilities], dtype=np.int64)
+                columns, token_scores = sample_columns(scores, config, rng, config.output_scores)
             else:
                 columns = np.argmax(scores, axis=-1).astype(np.int64)
             tokens = token_ids(runner.vocabulary, columns)
         timer.record(generated, time.perf_counter() - began)  # a step: the model's calls and the choice
-        # log-probabilities over the head's tokens (a restricted head: over the allowed set)
-        token_scores = (np.take_along_axis(log_softmax_inplace(scores, threads=runner.threads), columns[:, None],
-                                           axis=1)[:, 0]
-                        if config.output_scores else None)
+        # log-probabilities over the head's tokens (a restricted head: over the allowed set; sampling: the warped ones)
+        if config.output_scores and not config.do_sample:
+            token_scores = np.take_along_axis(log_softmax_inplace(scores, threads=runner.threads), columns[:, None],
+                                              axis=1)[:, 0]
         tokens = np.where(running, tokens, config.pad_token_id)
         history = np.concatenate([history, tokens[:, None]], axis=1)
         was_running = running.copy()

@@ -274,6 +274,87 @@ def test_beam_search_on_sampled_top_k_equals_transformers(family, options, monke
     np.testing.assert_allclose(output.scores, expected_scores, atol=1e-3, rtol=1e-3)
 
 
+WARPS = [dict(top_k=50), dict(top_k=0, top_p=0.9), dict(top_k=50, top_p=0.9, temperature=0.7),
+         dict(top_k=0, temperature=1.3), dict(top_k=5, top_p=0.5), dict(top_k=0, top_p=0.2, temperature=0.5),
+         dict(top_k=3000, top_p=0.99)]
+
+
+def _warp_rows(seed: int) -> np.ndarray:
+    """Rows of scores of several shapes: wide and narrow, peaked, flat, with ties and -inf."""
+    rng = np.random.default_rng(seed)
+    rows = [rng.standard_normal(5000) * 3, rng.standard_normal(5000) * 40, rng.standard_normal(5000) * 0.1,
+            np.round(rng.standard_normal(5000) * 2), rng.standard_normal(5000)]
+    rows[4][rng.random(5000) < 0.5] = -np.inf
+    rows[0][17] = 30.0  # one peaked token
+    tail = rng.standard_normal(5000) * 1e-3  # one token of 0.88 and a flat tail of 0.12: top-p's boundary in the tail
+    tail[42] = np.log(0.88 / 0.12 * 4999)
+    return np.stack([*rows, tail]).astype(np.float32)
+
+
+@pytest.mark.parametrize("options", WARPS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
+def test_warpers_equal_transformers(options):
+    """warp (temperature, top-k, top-p) leaves the tokens transformers' warpers leave, with their scores. Top-p
+    sorts the row: torch.sort puts equal scores in no set order, warp in column order, so rows with ties are left
+    out of top-p's comparison (the tests below use them against warp)."""
+    import torch
+    from transformers.generation.logits_process import (LogitsProcessorList, TemperatureLogitsWarper,
+                                                        TopKLogitsWarper, TopPLogitsWarper)
+    from xmtf_onnx.runtime.generation import warp
+
+    config = _sampling_config(**options)
+    scores = _warp_rows(0)
+    if config.top_p < 1:
+        scores = np.delete(scores, 3, axis=0)
+    warpers = LogitsProcessorList([TemperatureLogitsWarper(config.temperature)]
+                                  + ([TopKLogitsWarper(config.top_k)] if config.top_k else [])
+                                  + ([TopPLogitsWarper(config.top_p)] if config.top_p < 1 else []))
+    expected = warpers(None, torch.from_numpy(scores.copy())).numpy()
+    got = warp(scores.copy(), config)
+    np.testing.assert_array_equal(np.isfinite(got), np.isfinite(expected))
+    np.testing.assert_allclose(got[np.isfinite(got)], expected[np.isfinite(expected)], rtol=1e-6)
+
+
+@pytest.mark.parametrize("options", WARPS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
+def test_sampling_distribution_equals_softmax_of_the_warped_row(options):
+    """sampling_distribution, which sampling draws from without sorting the whole row: the columns warp leaves
+    (and, with neither top-k nor top-p, the -inf ones at probability 0) and softmax's probabilities over them, on rows
+    wide, narrow, peaked, flat, tied and half -inf."""
+    from xmtf_onnx.runtime.generation import sample_columns, sampling_distribution, softmax, warp
+
+    config = _sampling_config(**options)
+    scores = _warp_rows(1)
+    reference = softmax(warp(scores.copy(), config).astype(np.float64))
+    for row in range(scores.shape[0]):
+        columns, values, probabilities = sampling_distribution(scores[row], config)
+        columns = np.arange(scores.shape[1]) if columns is None else columns
+        np.testing.assert_array_equal(columns[probabilities > 0], np.flatnonzero(reference[row] > 0))
+        np.testing.assert_allclose(probabilities, reference[row][columns], rtol=1e-6, atol=1e-12)
+    columns, log_probs = sample_columns(scores, config, np.random.default_rng(5), with_log_probs=True)
+    assert (reference[np.arange(len(columns)), columns] > 0).all()
+    np.testing.assert_allclose(log_probs, np.log(reference[np.arange(len(columns)), columns]), atol=1e-5)
+
+
+def test_sampling_refuses_rows_it_cannot_draw_from():
+    from xmtf_onnx.runtime.errors import InferenceError
+    from xmtf_onnx.runtime.generation import sample_columns
+
+    scores = _warp_rows(2)
+    scores[2, 10] = np.nan
+    with pytest.raises(InferenceError, match="NaN, infinite or all -inf"):
+        sample_columns(scores, _sampling_config(top_k=50), np.random.default_rng(0))
+
+
+def _sampling_config(**options):
+    from xmtf_onnx.runtime.generation import GenerationConfig
+
+    fields = dict(max_new_tokens=4, min_new_tokens=0, num_beams=1, num_return_sequences=1, length_penalty=1.0,
+                  early_stopping=False, eos_token_id=(1,), pad_token_id=0, stop_strings=(), no_repeat_ngram_size=0,
+                  repetition_penalty=1.0, do_sample=True, temperature=1.0, top_k=50, top_p=1.0, seed=None,
+                  output_scores=False)
+    fields.update(options)
+    return GenerationConfig(**fields)
+
+
 SCREENED = [dict(max_new_tokens=12), dict(max_new_tokens=10, repetition_penalty=1.5, no_repeat_ngram_size=2),
             dict(max_new_tokens=10, min_new_tokens=10)]
 
