@@ -1,8 +1,9 @@
 """xmtf-onnx loadtest: concurrent clients against a running `xmtf-onnx serve`, bounded in count and time.
 
-For each concurrency level, CONCURRENCY clients send REQUESTS streamed completions in all (greedy, forced length:
-min = max tokens, so every request does the same work) and the report gives requests/s, generated tokens/s,
-time to first token and end-to-end p50/p99, and the error and 429 rates, as JSON, a markdown table and a plot.
+For each concurrency level, CONCURRENCY clients send REQUESTS streamed completions in all (greedy, or sampled with
+--temperature, each request with its own seed; forced length: min = max tokens, so every request does the same
+work) and the report gives requests/s, generated tokens/s, time to first token and end-to-end p50/p99, and the
+error and 429 rates, as JSON, a markdown table and a plot.
 With --offline MODEL_DIR it first measures generate() in this process on the same prompts at batch 1 and at
 batch 16 (the server idle), the figures the served throughput is compared with. With --soak N (and --offline)
 it sends N mixed requests instead (lengths, sampling, beams, stop strings, streaming, clients hanging up) and
@@ -77,14 +78,24 @@ async def stream_completion(client, url: str, body: dict, timeout: float, hang_u
     return {"status": -1, "error": "the stream ended without [DONE]", "seconds": time.perf_counter() - began}
 
 
-async def one_request(client, url: str, prompt: str, max_tokens: int, timeout: float) -> dict:
-    """A load-test request: greedy, streamed, of a forced length."""
+async def one_request(client, url: str, prompt: str, max_tokens: int, timeout: float,
+                      sampling: dict | None = None) -> dict:
+    """A load-test request: streamed, of a forced length; greedy, or sampled with `sampling` (temperature, top_p,
+    seed)."""
     result = await stream_completion(client, url, {"prompt": prompt, "max_tokens": max_tokens,
-                                                   "min_tokens": max_tokens}, timeout)
+                                                   "min_tokens": max_tokens, **(sampling or {})}, timeout)
     return dict(result, tokens=(result.get("usage") or {}).get("completion_tokens", 0))
 
 
-async def level(url: str, concurrency: int, requests: int, max_tokens: int, timeout: float) -> dict:
+def sampling_fields(temperature: float, top_p: float | None, index: int) -> dict | None:
+    """The sampling fields of request `index` (its own seed), or None for greedy (temperature 0)."""
+    if temperature <= 0:
+        return None
+    return {"temperature": temperature, "seed": index, **({"top_p": top_p} if top_p is not None else {})}
+
+
+async def level(url: str, concurrency: int, requests: int, max_tokens: int, timeout: float,
+                temperature: float = 0.0, top_p: float | None = None) -> dict:
     import httpx
 
     texts = prompts(requests)
@@ -94,7 +105,8 @@ async def level(url: str, concurrency: int, requests: int, max_tokens: int, time
     async def client_loop(client):
         first = True
         for index in queue:
-            result = await one_request(client, url, texts[index], max_tokens, timeout)
+            result = await one_request(client, url, texts[index], max_tokens, timeout,
+                                       sampling_fields(temperature, top_p, index))
             results.append(dict(result, first_of_client=first))
             first = False
 
@@ -143,7 +155,7 @@ def markdown(report: dict) -> str:
     lines = [f"# xmtf-onnx load test ({report['created']})", "",
              f"Server {report['url']} ({report.get('model', '?')}); {report['machine'].get('cpu', '?')}, "
              f"{report['machine'].get('cores')} cores; {report['max_tokens']} tokens per request (min = max), "
-             "streamed; greedy.", ""]
+             "streamed; " + _how(report.get("sampling")) + ".", ""]
     if report.get("offline"):
         o = report["offline"]
         lines += [f"generate() in one process, server idle: batch 1 {o['batch1_tokens_per_second']:.1f} tok/s "
@@ -161,6 +173,13 @@ def markdown(report: dict) -> str:
                      f"{s(row['e2e_p50'])} / {s(row['e2e_p99'])} | {row['error_rate'] * 100:.1f}% | "
                      f"{row['rate_429'] * 100:.1f}% |")
     return "\n".join(lines + ["", f"Reproduce: `{report['command']}`", ""])
+
+
+def _how(sampling: dict | None) -> str:
+    if not sampling:
+        return "greedy"
+    return f"sampled at temperature {sampling['temperature']:g}" + (
+        f", top-p {sampling['top_p']:g}" if "top_p" in sampling else "") + ", a seed per request"
 
 
 def plot(report: dict, path: str) -> str | None:
@@ -190,7 +209,8 @@ def plot(report: dict, path: str) -> str | None:
     right.set_ylabel("ms")
     right.legend(fontsize=8)
     figure.suptitle(f"{report.get('model', '')} served on {report['machine'].get('cpu', '?')}, "
-                    f"{report['machine'].get('cores')} cores, {report['max_tokens']} tokens per request", fontsize=9)
+                    f"{report['machine'].get('cores')} cores, {report['max_tokens']} tokens per request, "
+                    f"{_how(report.get('sampling'))}", fontsize=9)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
@@ -212,6 +232,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=64, help="requests per level")
     parser.add_argument("--max-tokens", type=int, default=32, help="tokens per request (forced: min = max)")
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds one request may take")
+    parser.add_argument("--temperature", type=float, default=0.0,
+                        help="sample at this temperature, each request with its own seed (default 0: greedy)")
+    parser.add_argument("--top-p", type=float, default=None, help="top-p of sampled requests (with --temperature)")
     parser.add_argument("--offline", metavar="MODEL_DIR", help="also measure generate() on the same prompts")
     parser.add_argument("--variant", help="the variant --offline loads (default: the one the server says it runs)")
     parser.add_argument("--threads", type=int, default=None)
@@ -221,6 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="the soak's random plan")
     parser.add_argument("--out", default="bench-results/loadtest", help="where loadtest.json/.md/.png go")
     args = parser.parse_args(argv)
+    if args.temperature < 0 or (args.top_p is not None and (args.temperature <= 0 or not 0 < args.top_p <= 1)):
+        parser.error("--temperature must be >= 0; --top-p needs --temperature > 0 and a value in (0, 1]")
     if args.soak is not None and (args.soak < 1 or not args.offline):
         parser.error("--soak N needs N >= 1 and --offline MODEL_DIR (the folder the server runs)")
     host = urlparse(args.url).hostname
@@ -241,6 +266,7 @@ def main(argv: list[str] | None = None) -> int:
 
     report = {"created": time.strftime("%Y-%m-%d %H:%M:%S"), "url": args.url, "model": ready.json().get("model"),
               "variant": ready.json().get("variant"), "machine": machine(), "max_tokens": args.max_tokens,
+              "sampling": sampling_fields(args.temperature, args.top_p, 0),
               "command": "xmtf-onnx loadtest " + " ".join(argv or sys.argv[1:]), "levels": []}
     args.variant = args.variant or report["variant"]  # --offline loads the variant the server runs
     if args.soak:
@@ -250,7 +276,8 @@ def main(argv: list[str] | None = None) -> int:
         report["offline"] = offline(args.offline, args.max_tokens, args.threads, args.variant)
     for concurrency in [int(c) for c in args.concurrency.split(",") if c]:
         print(f"== {concurrency} clients, {args.requests} requests", file=sys.stderr, flush=True)
-        row = asyncio.run(level(args.url, concurrency, args.requests, args.max_tokens, args.timeout))
+        row = asyncio.run(level(args.url, concurrency, args.requests, args.max_tokens, args.timeout,
+                                args.temperature, args.top_p))
         print(f"   {row['tokens_per_second']:.1f} tok/s, TTFT p50 {row['ttft_p50']:.3f} s, p99 {row['ttft_p99']:.3f} s "
               f"(after the opening burst {row['steady_ttft_p99'] or 0:.3f} s), errors {row['error_rate']:.2%}",
               file=sys.stderr, flush=True)

@@ -1,4 +1,4 @@
-"""Continuous batching: greedy rows that join and leave one running batch between decode steps.
+"""Continuous batching: greedy and sampled rows that join and leave one running batch between decode steps.
 
 Text-generation-inference's shape without paged attention, kept exact: each new prompt is prefilled alone (as
 generate() prefills it) and finished or cancelled rows are filtered out, so a short request never waits for a
@@ -7,7 +7,9 @@ length, or whose lengths met): each step runs the decoder once per cohort, unpad
 and token choice once for every row. Padding rows to one length would batch the decoder too, but onnxruntime's
 CPU kernels group a sum's terms by position, so a padded row rounds differently and a near-tie of a greedy
 step can flip (measured: 6% of requests on mt0-small); unpadded, a row's numbers are those of generate() alone.
-The output projection, most of a step's bytes for these 250k-token vocabularies, is batched across all rows.
+The output projection, most of a step's bytes for these 250k-token vocabularies, is batched across all rows. A
+sampled row (one prompt, one sequence) carries its own warpers and seeded generator, from which it draws once per
+step as generate() alone does, so it too gets generate()'s tokens whatever shares its batch.
 """
 
 from __future__ import annotations
@@ -18,13 +20,24 @@ from typing import Any, Sequence
 import numpy as np
 
 from .errors import GenerationInputError
-from .generation import StepTimer, greedy_tokens
+from .generation import GenerationConfig, StepTimer, apply_min_new_tokens, greedy_tokens, sample_columns, token_ids
 
 # prompt tokens a server prefills between two decode steps (at least one request's): a burst of arrivals joins over
 # a few steps instead of stalling every running row for all their prefills at once (TGI's max_batch_prefill_tokens)
 DEFAULT_PREFILL_TOKENS = 256
 # how a server batches: exact (rows never padded, every answer equals generate() alone) or padded (faster)
 BATCHING = ("exact", "padded")
+# generate() options a row may hold alone in a batch: how it samples (the others are the batch's)
+SAMPLING_OPTIONS = ("do_sample", "temperature", "top_k", "top_p", "seed")
+
+
+@dataclasses.dataclass
+class Sampler:
+    """A sampled row's own warpers and random generator. generate() alone, for one prompt and one sequence, draws
+    one uniform from its seeded generator per step; so does the batch, so the row gets the same tokens."""
+
+    config: GenerationConfig
+    rng: np.random.Generator
 
 
 @dataclasses.dataclass
@@ -36,15 +49,18 @@ class Cohort:
     next_tokens: np.ndarray  # [rows] what each row feeds at the next step
     generated: np.ndarray  # [rows]
     min_tokens: np.ndarray  # [rows]
+    samplers: list[Sampler | None]  # [rows] None: greedy
 
     def take(self, rows: np.ndarray) -> None:
         self.owners = [self.owners[i] for i in rows]
+        self.samplers = [self.samplers[i] for i in rows]
         self.next_tokens, self.generated, self.min_tokens = (self.next_tokens[rows], self.generated[rows],
                                                              self.min_tokens[rows])
 
 
 class ContinuousBatch:
-    """Rows decoding together, each with its own prompt, length and minimum length; greedy only.
+    """Rows decoding together, each with its own prompt, length and minimum length, greedy or sampled (each sampled
+    row with its own temperature, top-k, top-p and seeded generator: sampler()).
 
     admit() prefills new prompts and returns their first tokens; step() advances every row by one token;
     keep() drops rows. Rows are tagged by the caller (`owners`, in row order: read it after admit and keep)."""
@@ -56,13 +72,24 @@ class ContinuousBatch:
         if config.do_sample or config.num_beams > 1 or config.repetition_penalty != 1.0 or \
                 config.no_repeat_ngram_size > 0 or config.output_scores:
             raise GenerationInputError("continuous batching runs greedy decoding without history-dependent "
-                                       "processors (repetition penalty, no-repeat n-grams) or scores")
+                                       "processors (repetition penalty, no-repeat n-grams) or scores; a sampled "
+                                       "row brings its own sampler()")
         self.model, self.runner = model, model.runner
+        self.options = options
         self.config = dataclasses.replace(config, min_new_tokens=0)
         self.eos_suppressed = dataclasses.replace(config, min_new_tokens=1)  # with generated=0: no eos yet
         self.cohorts: list[Cohort] = []
         self.padded = padded
         self.timer = StepTimer()
+
+    def sampler(self, **sampling: Any) -> Sampler | None:
+        """A row's sampler from its SAMPLING_OPTIONS over the batch's options (None: the row is greedy)."""
+        unknown = sorted(set(sampling) - set(SAMPLING_OPTIONS))
+        if unknown:
+            raise GenerationInputError(f"a row of a continuous batch sets only {', '.join(SAMPLING_OPTIONS)}, "
+                                       f"not {', '.join(unknown)}")
+        config = self.model._config(dict(self.options, **sampling, max_new_tokens=1))
+        return Sampler(config, np.random.default_rng(config.seed)) if config.do_sample else None
 
     @property
     def owners(self) -> list[Any]:
@@ -72,9 +99,11 @@ class ContinuousBatch:
     def rows(self) -> int:
         return sum(len(cohort.owners) for cohort in self.cohorts)
 
-    def admit(self, prompts: Sequence[Sequence[int]], owners: Sequence[Any], min_tokens: Sequence[int]) -> np.ndarray:
+    def admit(self, prompts: Sequence[Sequence[int]], owners: Sequence[Any], min_tokens: Sequence[int],
+              samplers: Sequence[Sampler | None] | None = None) -> np.ndarray:
         """Prefill each prompt (token ids) alone, exactly as generate() prefills it, and add it to the batch
-        -> their first tokens, in the order given."""
+        -> their first tokens, in the order given. samplers: each row's (sampler()), None for a greedy row."""
+        samplers = [None] * len(owners) if samplers is None else list(samplers)
         states, hidden = [], []
         for prompt in self.model._check_ids(list(prompts)):
             ids, mask = self.model._batch([prompt], self.config.pad_token_id)
@@ -82,10 +111,10 @@ class ContinuousBatch:
             hidden.append(self.runner.prefill(state))  # [1, d]
             states.append(state)
         minimum = np.asarray(min_tokens, np.int64)
-        tokens = self._select(np.concatenate(hidden), np.zeros(len(owners), np.int64), minimum)
+        tokens = self._select(np.concatenate(hidden), np.zeros(len(owners), np.int64), minimum, samplers)
         for index, state in enumerate(states):
             self.cohorts.append(Cohort(state, [owners[index]], tokens[index:index + 1], np.ones(1, np.int64),
-                                       minimum[index:index + 1]))
+                                       minimum[index:index + 1], [samplers[index]]))
         self._merge()
         return tokens
 
@@ -94,7 +123,8 @@ class ContinuousBatch:
         hidden = np.concatenate([self.runner.decode_step(c.state, c.next_tokens, np.arange(len(c.owners)))
                                  for c in self.cohorts])  # [rows, d]
         generated = np.concatenate([c.generated for c in self.cohorts])
-        tokens = self._select(hidden, generated, np.concatenate([c.min_tokens for c in self.cohorts]))
+        tokens = self._select(hidden, generated, np.concatenate([c.min_tokens for c in self.cohorts]),
+                              [sampler for c in self.cohorts for sampler in c.samplers])
         start = 0
         for cohort in self.cohorts:
             end = start + len(cohort.owners)
@@ -132,16 +162,31 @@ class ContinuousBatch:
                 continue
             merged.append(Cohort(self.runner.join([c.state for c in group]), [o for c in group for o in c.owners],
                                  *(np.concatenate([getattr(c, name) for c in group])
-                                   for name in ("next_tokens", "generated", "min_tokens"))))
+                                   for name in ("next_tokens", "generated", "min_tokens")),
+                                 [sampler for c in group for sampler in c.samplers]))
         self.cohorts = merged
 
-    def _select(self, hidden: np.ndarray, generated: np.ndarray, min_tokens: np.ndarray) -> np.ndarray:
-        """Greedy tokens (through the greedy screen where the variant has one); eos barred from rows still under
-        their minimum length, as min_new_tokens does."""
+    def _select(self, hidden: np.ndarray, generated: np.ndarray, min_tokens: np.ndarray,
+                samplers: list[Sampler | None]) -> np.ndarray:
+        """Greedy tokens (through the greedy screen where the variant has one), and for sampled rows a draw from
+        their own warpers and generator over the full head's logits; eos barred from rows still under their
+        minimum length, as min_new_tokens does."""
         tokens = np.empty(hidden.shape[0], np.int64)
         history = np.zeros((hidden.shape[0], 0), np.int64)  # no processor here reads it
         early = generated < min_tokens
-        for rows, config in ((np.flatnonzero(early), self.eos_suppressed), (np.flatnonzero(~early), self.config)):
+        sampled = np.array([sampler is not None for sampler in samplers], bool)
+        for rows, config in ((np.flatnonzero(early & ~sampled), self.eos_suppressed),
+                             (np.flatnonzero(~early & ~sampled), self.config)):
             if rows.size:
                 tokens[rows] = greedy_tokens(self.runner, hidden[rows], history[rows], 0, config, self.timer)
+        rows = np.flatnonzero(sampled)
+        if rows.size:
+            self.timer.full_rows += rows.size
+            logits = self.runner.logits(hidden[rows])  # one projection for every sampled row; each row's own
+            for index, row in enumerate(rows):
+                scores = logits[index:index + 1]
+                if early[row]:
+                    apply_min_new_tokens(scores, 0, self.eos_suppressed, self.runner.vocabulary)
+                columns, _ = sample_columns(scores, samplers[row].config, samplers[row].rng)
+                tokens[row] = token_ids(self.runner.vocabulary, columns)[0]
         return tokens

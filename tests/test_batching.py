@@ -59,11 +59,62 @@ def test_rows_joining_and_leaving_equal_generate_alone(family, variant, tmp_path
     assert got[2] == alone[2][:len(got[2])]
 
 
+SAMPLED_ROWS = [dict(do_sample=True, seed=3), dict(), dict(do_sample=True, seed=4, temperature=0.7, top_p=0.9),
+                dict(do_sample=True, seed=5, top_k=0, temperature=1.5), dict(do_sample=True, seed=3)]
+
+
+@pytest.mark.parametrize("variant", ["fp32", "int8-weight"])
+def test_sampled_rows_joining_a_batch_equal_generate_alone(family, variant, tmp_path):
+    """Sampled rows, each with its own seed and warpers, join and leave a batch beside greedy rows: every row gets
+    the tokens generate() gives that one prompt alone with the same options (one draw from its seeded generator
+    per step), and two rows of one seed and prompt agree while a different seed differs."""
+    folder = family["export"]
+    if variant != "fp32":
+        from xmtf_onnx.export import export
+
+        folder = export(str(family["checkpoint"]), tmp_path / variant, quantize=[variant], fp32=False, progress=False)
+    model = load(folder)
+    prompts = _prompts(family, model, 5)
+    prompts[4] = prompts[0]
+    lengths, minimum = [10, 6, 9, 8, 10], [10, 0, 2, 8, 10]
+    alone = [model.generate(input_ids=[p], max_new_tokens=n, min_new_tokens=m, **o).sequences[0]
+             for p, n, m, o in zip(prompts, lengths, minimum, SAMPLED_ROWS)]
+    batch = model.continuous_batch()
+    got: dict[int, list[int]] = {}
+
+    def admit(indices):
+        samplers = [batch.sampler(**SAMPLED_ROWS[i]) for i in indices]
+        assert [s is None for s in samplers] == [not SAMPLED_ROWS[i] for i in indices]
+        for index, token in zip(indices, batch.admit([prompts[i] for i in indices], indices,
+                                                     [minimum[i] for i in indices], samplers)):
+            got[index] = [int(token)]
+
+    def step():
+        batch.keep(np.array([len(got[i]) < lengths[i] and got[i][-1] not in model.tokens["eos_token_id"]
+                             for i in batch.owners]))
+        for index, token in zip(batch.owners, batch.step() if batch.rows else []):
+            got[index].append(int(token))
+
+    admit([0, 1])
+    step(), step()
+    admit([2])
+    step()
+    admit([3, 4])
+    while batch.rows:
+        step()
+    assert got == dict(enumerate(alone))
+    assert got[4] == got[0]
+    other = model.generate(input_ids=[prompts[0]], max_new_tokens=10, min_new_tokens=10, do_sample=True, seed=99)
+    assert other.sequences[0] != got[0], "another seed should draw other tokens on a random model"
+
+
 def test_continuous_batch_refuses_what_it_cannot_do(family):
     model = load(family["export"])
     for options in (dict(do_sample=True), dict(num_beams=2), dict(repetition_penalty=1.2)):
         with pytest.raises(GenerationInputError, match="continuous batching"):
             model.continuous_batch(**options)
+    with pytest.raises(GenerationInputError, match="sets only do_sample"):
+        model.continuous_batch().sampler(do_sample=True, num_beams=2)
 
 
 def test_batch_invariance_is_known_per_variant(family, tmp_path):

@@ -133,6 +133,37 @@ def test_concurrent_clients_with_mixed_options_get_their_own_answers(served):
     assert single < batches  # some batches held several requests (the point of the server)
 
 
+def test_sampled_and_greedy_requests_share_batches_and_equal_generate_alone(served):
+    """Seeded sampled requests of one prompt join the running batch beside greedy ones (each with its own
+    temperature, top-p, top-k): each answer equals generate() of that request alone, and batches held several."""
+    running, model = served
+    prompts = sample_prompts(8)
+    jobs = [dict({"prompt": p, "max_tokens": 6 + i % 3},
+                 **({"temperature": 0.6 + 0.2 * (i % 3), "seed": i, "top_p": 0.9} if i % 2 else {}),
+                 **({"top_k": 5} if i % 4 == 1 else {})) for i, p in enumerate(prompts)]
+    alone = [model.generate(p, max_new_tokens=j["max_tokens"], do_sample="seed" in j, seed=j.get("seed"),
+                            temperature=j.get("temperature"), top_p=j.get("top_p"), top_k=j.get("top_k"))
+             for p, j in zip(prompts, jobs)]
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda job: running.post(job).json(), jobs))
+        for answer, expected in zip(answers, alone):
+            assert answer["choices"][0]["token_ids"] == expected.sequences[0]
+        sampled = [(job, expected) for job, expected in zip(jobs, alone) if "seed" in job]
+        before = _batch_size_samples(running)
+        answers = list(pool.map(lambda job: running.post(job).json(), [job for job, _ in sampled] * 2))
+        after = _batch_size_samples(running)
+    for answer, (_, expected) in zip(answers, sampled * 2):
+        assert answer["choices"][0]["token_ids"] == expected.sequences[0]
+    assert after["count"] - before["count"] > after["le1"] - before["le1"], "sampled requests should share steps"
+
+
+def _batch_size_samples(running) -> dict:
+    samples = [s for f in text_string_to_metric_families(httpx.get(f"{running.url}/metrics").text)
+               if f.name == "xmtf_batch_size" for s in f.samples]
+    return {"le1": next(s.value for s in samples if s.name == "xmtf_batch_size_bucket" and s.labels["le"] == "1.0"),
+            "count": next(s.value for s in samples if s.name == "xmtf_batch_size_count")}
+
+
 def test_bad_requests_are_4xx_with_the_runtimes_message(served):
     running, model = served
     cases = [({"prompt": "hi", "frobnicate": 1}, 400, "unknown field"),
@@ -198,8 +229,17 @@ def test_loadtest_against_a_running_server(bloom_export, tmp_path):
         assert row["tokens_per_second"] > 0 and row["ttft_p50"] is not None
     assert report["offline"]["batch16_tokens_per_second"] > 0
     assert "| clients |" in (tmp_path / "loadtest.md").read_text() and (tmp_path / "loadtest.png").exists()
+    with Running(bloom_export) as running:  # sampled requests, a seed each
+        assert loadtest([running.url, "--concurrency", "4", "--requests", "8", "--max-tokens", "4",
+                         "--temperature", "0.8", "--top-p", "0.9", "--out", str(tmp_path / "sampled")]) == 0
+    report = json.loads((tmp_path / "sampled" / "loadtest.json").read_text())
+    assert report["sampling"] == {"temperature": 0.8, "seed": 0, "top_p": 0.9}
+    assert report["levels"][0]["error_rate"] == 0 and report["levels"][0]["wrong_length"] == 0
+    assert "sampled at temperature 0.8, top-p 0.9" in (tmp_path / "sampled" / "loadtest.md").read_text()
     with pytest.raises(SystemExit):
         loadtest(["http://example.com:8000"])  # localhost only
+    with pytest.raises(SystemExit):
+        loadtest(["http://127.0.0.1:8000", "--top-p", "0.9"])  # top-p without a temperature
 
 
 def test_a_short_request_joins_a_running_batch_and_leaves_first(served):

@@ -5,9 +5,11 @@ running batch (each prompt prefilled alone, as generate() would; at most max_pre
 between two steps, so a burst joins over a few steps) and finished or cancelled rows leave it, so a short
 request never waits for a long one. By default rows are never padded (runtime/batching.py: cohorts of one
 cache length), so a request's answer is what generate() gives it alone; `padded` puts every row in one padded
-decoder run, faster but not bit-exact. Sampling and beam-search requests run alone between batches (a seeded request is
-reproducible). Variants whose rows depend on their batch-mates (int8-dynamic: one activation scale per batch)
-run every request alone. Every wait here is bounded; the HTTP side owns deadlines and cancels.
+decoder run, faster but not bit-exact. A sampled request of one prompt and one sequence joins the batch too, with
+its own warpers and seeded generator (a seeded request is reproducible, and equals generate() alone); beam search
+and sampling with several prompts or n > 1 run alone between batches. Variants whose rows depend on their
+batch-mates (int8-dynamic: one activation scale per batch) run every request alone. Every wait here is bounded;
+the HTTP side owns deadlines and cancels.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from ..batching import DEFAULT_PREFILL_TOKENS
+from ..batching import DEFAULT_PREFILL_TOKENS, SAMPLING_OPTIONS
 from ..errors import XmtfError
 
 POLL_SECONDS = 0.05  # how often an idle engine looks at its stop flag
@@ -57,18 +59,21 @@ class Request:
 
     @property
     def continuous(self) -> bool:
-        """Can it join a running batch? Greedy, one sequence, no history-dependent processor, no scores."""
+        """Can it join a running batch? One sequence per prompt, no history-dependent processor, no scores, and
+        greedy, or sampled with one prompt (generate() draws its rows in turn from one generator: only a lone row
+        draws alike in a batch). do_sample is explicit here (Engine.submit fills in the model's default)."""
         options = self.options
-        return (not options.get("do_sample") and options.get("num_beams", 1) == 1 and self.n == 1 and not self.logprobs
-                and options.get("repetition_penalty", 1.0) == 1.0 and not options.get("no_repeat_ngram_size"))
+        return (options.get("num_beams", 1) == 1 and self.n == 1 and not self.logprobs
+                and options.get("repetition_penalty", 1.0) == 1.0 and not options.get("no_repeat_ngram_size")
+                and (not options.get("do_sample") or len(self.rows) == 1))
 
     def key(self) -> tuple:
-        """Requests with equal keys share a batch: everything but the max and min tokens (per row) and stop strings
-        (applied here)."""
+        """Requests with equal keys share a batch: everything but the max and min tokens and the sampling options
+        (per row) and stop strings (applied here)."""
         if not self.continuous:
             return ("alone", id(self))
         return tuple(sorted((k, repr(v)) for k, v in self.options.items()
-                            if k not in ("max_new_tokens", "min_new_tokens")))
+                            if k not in ("max_new_tokens", "min_new_tokens", *SAMPLING_OPTIONS)))
 
     def begin(self) -> None:
         """No tokens yet: the engine starts this request's sequences."""
@@ -115,6 +120,8 @@ class Engine:
                 raise QueueFullError("the server is shutting down")
             if len(self._pending) >= self.max_queue:
                 raise QueueFullError(f"the queue holds {self.max_queue} requests")
+            if request.options.get("do_sample") is None:  # the model's default, explicit: it decides how it batches
+                request.options["do_sample"] = bool(self.model.defaults.get("do_sample"))
             self._pending.append(request)
             self._observe_queue()
             self._condition.notify()
@@ -215,16 +222,19 @@ class Engine:
 
     def _admit(self, requests: list[Request]) -> None:
         if self.batch is None:
-            options = {k: v for k, v in requests[0].options.items() if k not in ("max_new_tokens", "min_new_tokens")}
-            self.batch = self.model.continuous_batch(padded=self.padded, **options)
-        owners, prompts, minimum = [], [], []
+            options = {k: v for k, v in requests[0].options.items()
+                       if k not in ("max_new_tokens", "min_new_tokens", *SAMPLING_OPTIONS)}
+            self.batch = self.model.continuous_batch(padded=self.padded, do_sample=False, **options)
+        owners, prompts, minimum, samplers = [], [], [], []
         for request in requests:
             request.begin()
+            sampler = self.batch.sampler(**{k: v for k, v in request.options.items() if k in SAMPLING_OPTIONS})
             for index, row in enumerate(request.rows):
                 owners.append((request, index))
                 prompts.append(row)
                 minimum.append(request.options.get("min_new_tokens", 0))
-        tokens = self.batch.admit(prompts, owners, minimum)
+                samplers.append(sampler)
+        tokens = self.batch.admit(prompts, owners, minimum, samplers)
         self._deliver(owners, tokens)
 
     def _step(self) -> None:
