@@ -359,7 +359,10 @@ def build_parser() -> argparse.ArgumentParser:
                             "caches have one length share a decoder run, the output projection runs once for all. "
                             "padded: every row in one decoder run, padded (faster: mt0-small 1.4x, bloomz-560m "
                             "1.4x at 16 clients on 2 cores), but a padded row rounds differently and a greedy "
-                            "near-tie can flip (6%% of mt0-small answers differed)")
+                            "near-tie can flip (6%% of mt0-small answers differed). A variant whose rows are not "
+                            "computed alike alone and in a batch on this machine (int8-dynamic; weight-only "
+                            "variants on some CPUs: see the note at start) runs requests one at a time under exact; "
+                            "padded batches them anyway")
     serve.add_argument("--api-key", help="require Authorization: Bearer KEY on every endpoint but /health "
                                          "(or set XMTF_API_KEY)")
     serve.add_argument("--max-tokens", type=int, default=512, help="the largest max_tokens a request may ask")

@@ -102,6 +102,7 @@ class Model:
         self.defaults = dict(LIBRARY_DEFAULTS)
         self.defaults.update({k: v for k, v in manifest.data.get("generation_defaults", {}).items()
                               if k in LIBRARY_DEFAULTS})
+        self._batch_variance: list[str | None] = []  # batch_variance's answer, once measured
 
     @property
     def has_tokenizer(self) -> bool:
@@ -217,11 +218,41 @@ class Model:
 
     @property
     def batch_invariant(self) -> bool:
-        """Does a row's result not depend on the other rows of its batch? True for fp32, fp16 and the weight-only
-        variants (MatMulNBits quantizes each row's activations alone); False for int8-dynamic, which quantizes a
-        batch's activations with one scale, so a prompt's greedy tokens can change with its batch-mates."""
-        quantization = self.manifest.variant(self.variant).get("quantization") or {}
-        return quantization.get("method") != "dynamic"
+        """Does a row's result not depend on the other rows of its batch (how many, and which)? See batch_variance."""
+        return self.batch_variance is None
+
+    @property
+    def batch_variance(self) -> str | None:
+        """Why a row's numbers can differ between a batch and generate() of it alone on this machine, or None when
+        they do not. int8-dynamic quantizes a batch's activations with one scale: always. Other variants are
+        measured here, once per model (a prefill, a decode step and the head, for one row alone and beside
+        another, compared bit for bit): onnxruntime's kernels may take another path for one row than for several
+        (the Intel Xeon guest's 8-bit MatMulNBits does, its 4-bit and fp32 MatMul do not; on the AMD EPYC none did).
+        The server batches only when this is None."""
+        if not self._batch_variance:
+            quantization = self.manifest.variant(self.variant).get("quantization") or {}
+            if quantization.get("method") == "dynamic":
+                reason = "it quantizes a whole batch's activations with one scale"
+            else:
+                reason = None if self._rows_alone_equal_rows_batched() else \
+                    "onnxruntime computes one row by another path than several on this machine"
+            self._batch_variance.append(reason)
+        return self._batch_variance[0]
+
+    def _rows_alone_equal_rows_batched(self) -> bool:
+        """One prompt alone, beside another of its length, and among five: the same prefill hidden state, decode
+        step and logits, bit for bit."""
+        top = self.vocab_size - 1
+        prompts = [[1 + ((2 * k + 7) * i + 3 + k) % top for i in range(6)] for k in range(5)]
+        pad = self.tokens.get("pad_token_id") or 0
+        outputs = []
+        for rows in (prompts[:1], prompts[:2], prompts):
+            ids, mask = self._batch(rows, pad)
+            state = self.runner.begin(ids, mask, 1, 2)
+            hidden = self.runner.prefill(state)
+            step = self.runner.decode_step(state, np.full(len(rows), prompts[0][0], np.int64), np.arange(len(rows)))
+            outputs.append((hidden[0], step[0], self.runner.logits(step)[0]))
+        return all(np.array_equal(a, b) for batched in outputs[1:] for a, b in zip(outputs[0], batched))
 
     def continuous_batch(self, padded: bool = False, **options):
         """A ContinuousBatch (runtime/batching.py): greedy rows that join and leave between decode steps; the

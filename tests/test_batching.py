@@ -12,14 +12,17 @@ from test_generate import _prompts
 
 @pytest.mark.parametrize("variant", ["fp32", "int8-weight", "int4-weight"])
 def test_rows_joining_and_leaving_equal_generate_alone(family, variant, tmp_path):
-    """fp32 and the weight-only variants are batch-invariant (MatMulNBits quantizes each row's activations alone);
-    int8-dynamic quantizes a whole batch's activations with one scale, so it is not (the server knows)."""
+    """fp32 and the weight-only variants, where this machine computes their rows alike alone and batched
+    (Model.batch_invariant; MatMulNBits quantizes each row's activations alone, but may take another path for one
+    row); int8-dynamic quantizes a whole batch's activations with one scale, so it is not (the server knows)."""
     folder = family["export"]
     if variant != "fp32":
         from xmtf_onnx.export import export
 
         folder = export(str(family["checkpoint"]), tmp_path / variant, quantize=[variant], fp32=False, progress=False)
     model = load(folder)
+    if not model.batch_invariant:
+        pytest.skip(f"{variant} is batch-variant on this machine ({model.batch_variance}): the server runs it alone")
     prompts = _prompts(family, model, 5)
     eos = model.tokens["eos_token_id"]
     lengths, minimum = [9, 4, 12, 6, 7], [0, 4, 12, 0, 3]
@@ -74,6 +77,8 @@ def test_sampled_rows_joining_a_batch_equal_generate_alone(family, variant, tmp_
 
         folder = export(str(family["checkpoint"]), tmp_path / variant, quantize=[variant], fp32=False, progress=False)
     model = load(folder)
+    if not model.batch_invariant:
+        pytest.skip(f"{variant} is batch-variant on this machine ({model.batch_variance}): the server runs it alone")
     prompts = _prompts(family, model, 5)
     prompts[4] = prompts[0]
     lengths, minimum = [10, 6, 9, 8, 10], [10, 0, 2, 8, 10]
@@ -118,12 +123,33 @@ def test_continuous_batch_refuses_what_it_cannot_do(family):
 
 
 def test_batch_invariance_is_known_per_variant(family, tmp_path):
-    """int8-dynamic quantizes a batch's activations with one scale: the server runs its requests alone."""
+    """int8-dynamic quantizes a batch's activations with one scale: never batch-invariant. The others are measured on
+    the machine (onnxruntime may compute one row by another path than several): either answer, with its reason."""
     from xmtf_onnx.export import export
 
     folder = export(str(family["checkpoint"]), tmp_path / "q", quantize=["int8-dynamic", "int4-weight"], progress=False)
-    assert load(folder).batch_invariant and load(folder, variant="int4-weight").batch_invariant
     assert not load(folder, variant="int8-dynamic").batch_invariant
+    assert "one scale" in load(folder, variant="int8-dynamic").batch_variance
+    for variant in ("fp32", "int4-weight"):
+        model = load(folder, variant=variant)
+        assert model.batch_invariant == (model.batch_variance is None)
+        assert model.batch_variance in (None, "onnxruntime computes one row by another path than several on this "
+                                              "machine")
+
+
+def test_batch_invariance_is_measured_on_this_machine(family, monkeypatch):
+    """A kernel that computes one row by another path than several (the Intel Xeon guest's 8-bit MatMulNBits, in
+    the last bits) makes the variant batch-variant, and the server then runs its requests alone."""
+    model = load(family["export"])
+    assert model.batch_invariant
+    other = load(family["export"])
+    logits = other.runner.logits
+
+    def one_row_apart(hidden):
+        out = logits(hidden)
+        return out + np.float32(1e-6) * (hidden.shape[0] == 1)
+    monkeypatch.setattr(other.runner, "logits", one_row_apart)
+    assert not other.batch_invariant and "another path" in other.batch_variance
 
 
 def test_rows_are_never_padded_and_cohorts_of_one_length_share_a_decoder_run(family):

@@ -164,6 +164,30 @@ def _batch_size_samples(running) -> dict:
             "count": next(s.value for s in samples if s.name == "xmtf_batch_size_count")}
 
 
+@pytest.mark.parametrize("batching", ["exact", "padded"])
+def test_a_batch_variant_model_serves_one_request_at_a_time_unless_padded(bloom_export, batching, monkeypatch):
+    """Where a row is computed differently alone and in a batch (Model.batch_variance: int8-dynamic, or a kernel's
+    one-row path on this machine), exact serving runs requests one at a time, each still equal to generate()
+    alone; --batching padded batches them anyway, as asked."""
+    from xmtf_onnx.runtime.model import Model
+
+    monkeypatch.setattr(Model, "batch_variance", property(lambda self: "a test's reason"))
+    model = load(bloom_export)
+    prompts = sample_prompts(6)
+    alone = [model.generate(p, max_new_tokens=6).sequences[0] for p in prompts]
+    with Running(bloom_export, Limits(batching=batching)) as running:
+        assert httpx.get(f"{running.url}/ready").json()["batching"] == \
+            ("one request at a time" if batching == "exact" else "padded")
+        with ThreadPoolExecutor(6) as pool:
+            answers = list(pool.map(lambda p: running.post({"prompt": p, "max_tokens": 6}).json(), prompts))
+        sizes = _batch_size_samples(running)
+    if batching == "exact":
+        assert [a["choices"][0]["token_ids"] for a in answers] == alone
+        assert sizes["le1"] == sizes["count"], "every run held one request"
+    else:
+        assert sizes["le1"] < sizes["count"], "padded batches several requests"
+
+
 def test_bad_requests_are_4xx_with_the_runtimes_message(served):
     running, model = served
     cases = [({"prompt": "hi", "frobnicate": 1}, 400, "unknown field"),

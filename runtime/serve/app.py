@@ -100,10 +100,12 @@ class Server:
             self.engine = Engine(self.model, self.limits.max_batch_size, self.limits.max_queue, self.metrics,
                                  self.limits.max_prefill_tokens, padded=self.limits.batching == "padded")
             self.engine.start()
-            if not self.model.batch_invariant:
-                print(f"note: variant {self.model.variant} quantizes a whole batch's activations with one scale, so "
-                      "requests run one at a time to keep each answer equal to generate() alone; export "
-                      "--quantize int8-weight (or int4-weight) to batch them", file=sys.stderr, flush=True)
+            if not self.model.batch_invariant and self.limits.batching != "padded":
+                print(f"note: requests run one at a time, to keep each answer equal to generate() alone: in variant "
+                      f"{self.model.variant}, {self.model.batch_variance}. fp32 and weight-only variants batch "
+                      "where this machine computes one row as it does several; --batching padded batches this one "
+                      "anyway, its answers then differing from generate() alone in the last bits (and so at "
+                      "near-ties)", file=sys.stderr, flush=True)
         except Exception as e:
             self.load_error = f"{type(e).__name__}: {e}"
 
@@ -127,7 +129,8 @@ class Server:
 
     async def ready_endpoint(self, request: HttpRequest) -> Response:
         if self.ready:
-            batching = self.limits.batching if self.model.batch_invariant else "one request at a time"
+            batching = self.limits.batching if self.model.batch_invariant or self.limits.batching == "padded" \
+                else "one request at a time"
             return JSONResponse({"status": "ready", "model": self.name, "variant": self.model.variant,
                                  "batching": batching})
         reason = f"the model failed to load: {self.load_error}" if self.load_error else "the model is loading"

@@ -8,8 +8,9 @@ cache length), so a request's answer is what generate() gives it alone; `padded`
 decoder run, faster but not bit-exact. A sampled request of one prompt and one sequence joins the batch too, with
 its own warpers and seeded generator (a seeded request is reproducible, and equals generate() alone); beam search
 and sampling with several prompts or n > 1 run alone between batches. Variants whose rows depend on their
-batch-mates (int8-dynamic: one activation scale per batch) run every request alone. Every wait here is bounded;
-the HTTP side owns deadlines and cancels.
+batch-mates (int8-dynamic: one activation scale per batch; weight-only variants where this machine's kernels compute
+one row by another path than several: Model.batch_variance) run every request alone, unless `padded` was asked
+for. Every wait here is bounded; the HTTP side owns deadlines and cancels.
 """
 
 from __future__ import annotations
@@ -96,7 +97,7 @@ class Engine:
         self.max_queue = max_queue
         self.metrics = metrics
         self.eos = set(model.tokens.get("eos_token_id") or [])
-        self.invariant = model.batch_invariant
+        self.invariant = padded or model.batch_invariant  # padded batches are not exact anyway: the user chose
         self._pending: collections.deque[Request] = collections.deque()
         self._condition = threading.Condition()
         self._stopping = False
@@ -202,17 +203,10 @@ class Engine:
         return admit, []
 
     def _take(self) -> list[Request]:
-        """The oldest request and every queued one that can share its (non-continuous) batch."""
-        first = self._pending.popleft()
-        batch, rows, key = [first], first.sequences, first.key()
-        for request in list(self._pending):
-            if request.cancelled:
-                self._pending.remove(request)
-            elif request.key() == key and rows + request.sequences <= self.max_batch_size:
-                self._pending.remove(request)
-                batch.append(request)
-                rows += request.sequences
-        return batch
+        """The oldest request, to run alone: one that cannot join a batch (beams, sampling of several sequences)
+        has no equal, and a batch-variant model's rows must not share a generate() call (a request's answer would
+        depend on what shared it)."""
+        return [self._pending.popleft()]
 
     def _observe_queue(self) -> None:
         if self.metrics is not None:
