@@ -220,7 +220,8 @@ def plot(report: dict, path: str) -> str | None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="xmtf-onnx loadtest", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="example (int8-weight batches; int8-dynamic runs requests one at a time):\n"
+                                     epilog="example (int8-weight batches where the server finds a row computed alike "
+                                            "alone and batched, as /ready says; int8-dynamic never does):\n"
                                             "  xmtf-onnx export preset:mt0-small exported/mt0-small --quantize int8-weight\n"
                                             "  xmtf-onnx serve exported/mt0-small --variant int8-weight &\n"
                                             "  xmtf-onnx loadtest http://127.0.0.1:8000 --concurrency 1,4,16 "
