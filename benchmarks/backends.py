@@ -1,4 +1,5 @@
-"""One class per backend, all doing the same work: generate exactly N new tokens for a batch of token ids.
+"""One class per backend, all doing the same work: generate exactly N new tokens for a batch of token ids, by
+beam search (1 beam: greedy) or by sampling (SAMPLING: top-k 50 at temperature 1, seeded).
 
 Each backend is run in its own process by worker.py, so that peak RSS belongs to it alone.
 `run` returns (tokens returned, seconds to first token or None, per-step seconds).
@@ -8,6 +9,9 @@ from __future__ import annotations
 
 import os
 import time
+
+# a sampled setting (BATCHxsample): transformers' sampling defaults, top-k 50 at temperature 1, seeded, in every backend
+SAMPLING = {"top_k": 50, "temperature": 1.0, "seed": 0}
 
 
 def folder_bytes(path: str) -> int:
@@ -27,10 +31,11 @@ class XmtfBackend:
         self.size = sum({item["path"]: item["bytes"] for f in entry["files"].values()
                          for item in [f, *f["data"]]}.values())
 
-    def run(self, rows, beams: int, new_tokens: int):
+    def run(self, rows, beams: int, new_tokens: int, sample: bool = False):
         began = time.perf_counter()
         out = self.model.generate(input_ids=rows, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                                  num_beams=beams, output_scores=False)
+                                  num_beams=beams, output_scores=False, **(dict(SAMPLING, do_sample=True) if sample
+                                                                          else {}))
         total = time.perf_counter() - began
         steps = out.metrics["step_seconds"]
         first = total - sum(steps)  # encode/prefill + selection of the first token
@@ -55,7 +60,7 @@ class TorchBackend:
         self.decoder_only = not config.is_encoder_decoder
         self.pad = config.pad_token_id or 0
 
-    def run(self, rows, beams: int, new_tokens: int):
+    def run(self, rows, beams: int, new_tokens: int, sample: bool = False):
         import torch
         from transformers import LogitsProcessor, LogitsProcessorList
 
@@ -72,11 +77,15 @@ class TorchBackend:
         for i, row in enumerate(rows):
             span = slice(length - len(row), length) if self.decoder_only else slice(0, len(row))
             ids[i, span], mask[i, span] = torch.tensor(row), 1
+        sampling = {"do_sample": False}
+        if sample:
+            torch.manual_seed(SAMPLING["seed"])
+            sampling = {"do_sample": True, "top_k": SAMPLING["top_k"], "temperature": SAMPLING["temperature"]}
         began = time.perf_counter()
         with torch.inference_mode():
             out = self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
                                       max_new_tokens=new_tokens, min_new_tokens=new_tokens, num_beams=beams,
-                                      do_sample=False, logits_processor=LogitsProcessorList([Stamp()]))
+                                      logits_processor=LogitsProcessorList([Stamp()]), **sampling)
         total = time.perf_counter() - began
         generated = out.shape[1] - (length if self.decoder_only else 1)
         steps = [b - a for a, b in zip(stamps, stamps[1:])]
@@ -102,8 +111,8 @@ class OptimumBackend:
         self.inner.model, self.inner.device = self.model, "cpu"
         self.inner.decoder_only, self.inner.pad = not config.is_encoder_decoder, config.pad_token_id or 0
 
-    def run(self, rows, beams: int, new_tokens: int):
-        return TorchBackend.run(self.inner, rows, beams, new_tokens)
+    def run(self, rows, beams: int, new_tokens: int, sample: bool = False):
+        return TorchBackend.run(self.inner, rows, beams, new_tokens, sample)
 
 
 class CTranslate2Backend:
@@ -120,26 +129,33 @@ class CTranslate2Backend:
         self.size = folder_bytes(spec["rival_dir"])
         self.eos = "</s>"
 
-    def run(self, rows, beams: int, new_tokens: int):
+    def run(self, rows, beams: int, new_tokens: int, sample: bool = False):
         tokens = [[f"t{i}" for i in row] + ([self.eos] if self.seq2seq else []) for row in rows]
         first = None
+        sampling = {"sampling_topk": SAMPLING["top_k"], "sampling_temperature": SAMPLING["temperature"]} \
+            if sample else {}
+        if sample:
+            import ctranslate2
+
+            ctranslate2.set_random_seed(SAMPLING["seed"])
         began = time.perf_counter()
         if self.seq2seq:
             results = self.model.translate_batch(tokens, beam_size=beams, max_decoding_length=new_tokens,
-                                                 min_decoding_length=new_tokens)
+                                                 min_decoding_length=new_tokens, **sampling)
             generated = sum(len(r.hypotheses[0]) for r in results)
         else:
             results = self.model.generate_batch(tokens, beam_size=beams, max_length=new_tokens,
-                                                min_length=new_tokens, include_prompt_in_result=False)
+                                                min_length=new_tokens, include_prompt_in_result=False, **sampling)
             generated = sum(len(r.sequences_ids[0]) for r in results)
         total = time.perf_counter() - began
         if len(rows) == 1 and beams == 1:  # time to first token, from the streaming API
             began = time.perf_counter()
             if self.seq2seq:
                 iterator = self.model.generate_tokens(tokens[0], max_decoding_length=new_tokens,
-                                                      min_decoding_length=new_tokens)
+                                                      min_decoding_length=new_tokens, **sampling)
             else:
-                iterator = self.model.generate_tokens(tokens[0], max_length=new_tokens, min_length=new_tokens)
+                iterator = self.model.generate_tokens(tokens[0], max_length=new_tokens, min_length=new_tokens,
+                                                      **sampling)
             next(iter(iterator))
             first = time.perf_counter() - began
             for _ in iterator:

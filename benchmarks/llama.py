@@ -148,8 +148,8 @@ class LlamaCppBackend:
         self.start = llama_cpp.llama_model_decoder_start_token(self.model)
         self.size = os.path.getsize(spec["rival_dir"])
 
-    def supports(self, batch: int, beams: int) -> bool:
-        return batch == 1 and beams == 1
+    def supports(self, batch: int, beams: int, sample: bool = False) -> bool:
+        return batch == 1 and beams == 1 and not sample
 
     def _run_batch(self, tokens: list[int], encode: bool = False) -> None:
         array = (self.lib.llama_token * len(tokens))(*tokens)
@@ -163,8 +163,8 @@ class LlamaCppBackend:
         logits[self.eos] = -np.inf  # the logits are llama.cpp's own buffer, rewritten by the next decode
         return int(np.argmax(logits))
 
-    def run(self, rows, beams: int, new_tokens: int):
-        if not self.supports(len(rows), beams):
+    def run(self, rows, beams: int, new_tokens: int, sample: bool = False):
+        if not self.supports(len(rows), beams, sample):
             raise ValueError("llama.cpp runs batch 1, greedy, here")
         self.lib.llama_memory_clear(self.lib.llama_get_memory(self.context), True)
         began = time.perf_counter()

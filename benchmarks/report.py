@@ -52,7 +52,8 @@ def markdown(report: dict) -> str:
              "Versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()), "",
              "tok/s = generated tokens returned per second (batch × new tokens / wall time); "
              "×pt = against PyTorch fp32; ×rival = against the fastest rival (non-xmtf) of the same class (fp32, "
-             "8-bit or 4-bit weights) in the same setting; llama.cpp runs batch 1 greedy only (– elsewhere); "
+             "8-bit or 4-bit weights) in the same setting; BxK = batch B, K beams (1: greedy); Bxsample = batch B "
+             "sampled, top-k 50 at temperature 1, seeded; llama.cpp runs batch 1 greedy only (– elsewhere); "
              "TTFT = time to first token; p50/p90 = per-token decode latency; RSS = peak resident memory of the "
              "backend's own process; anon / file = its anonymous (heap: packed weight copies, activations) and "
              "file-backed (memory-mapped weights) resident memory at the end. xmtf load times are with verify=False "
@@ -207,8 +208,9 @@ def plots(report: dict, folder: str) -> list[str]:
             setting = settings[column]
             present = [b for b in backends if setting in b["settings"]]
             batch, beams = setting.split("x")
+            how = "sampled (top-k 50)" if beams == "sample" else f"{beams} beam{'s' if beams != '1' else ''}"
             bars(axis, present, [b["settings"][setting]["tokens_per_second"] for b in present],
-                 f"{model_name}: batch {batch}, {beams} beam{'s' if beams != '1' else ''}", "generated tokens / s")
+                 f"{model_name}: batch {batch}, {how}", "generated tokens / s")
     figure.suptitle(_fit(f"xmtf-onnx (green) and rivals (gray), tokens/s — {where}", figure), fontsize=9)
     figure.tight_layout()
     written.append(os.path.join(folder, "tokens_per_second.png"))

@@ -49,7 +49,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "and CTranslate2 int8")
     parser.add_argument("--models", help=f"comma-separated presets (NAME or preset:NAME) or checkpoint folders "
                                          f"(default {','.join(FULL['models'])})")
-    parser.add_argument("--settings", help="comma-separated BATCHxBEAMS (default 1x1,1x4,8x1,8x4)")
+    parser.add_argument("--settings", help="comma-separated BATCHxBEAMS, or BATCHxsample for sampling (top-k 50, "
+                                           "temperature 1, seeded; not llama.cpp) (default 1x1,1x4,8x1,8x4)")
     parser.add_argument("--backends", default=None,
                         help=f"comma-separated subset of {','.join(ALL_BACKENDS)} (llama-cpp runs when --llama-cpp "
                              "is given)")
@@ -98,12 +99,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.models = [_model_entry(entry, parser) for entry in args.models]
     for setting in args.settings:
         try:
-            batch, beams = map(int, setting.split("x"))
-            if batch < 1 or beams < 1:
-                raise ValueError
+            parse_setting(setting)
         except ValueError:
-            parser.error(f"setting {setting!r} is not BATCHxBEAMS with positive integers (e.g. 8x4)")
+            parser.error(f"setting {setting!r} is not BATCHxBEAMS with positive integers (e.g. 8x4), or BATCHxsample "
+                         "(e.g. 8xsample)")
     return args
+
+
+def parse_setting(setting: str) -> tuple[int, int, bool]:
+    """'8x4' -> (8, 4, False): batch 8, 4 beams; '8xsample' -> (8, 1, True): batch 8, sampled. ValueError else."""
+    batch, _, kind = setting.partition("x")
+    batch = int(batch)
+    beams, sample = (1, True) if kind == "sample" else (int(kind), False)
+    if batch < 1 or beams < 1:
+        raise ValueError(setting)
+    return batch, beams, sample
 
 
 def _model_entry(entry: str, parser: argparse.ArgumentParser) -> str:
@@ -544,8 +554,8 @@ def main(argv: list[str] | None = None) -> int:
                                 args.quantized_rivals_only, args.llama_cpp, report["threads"])
         settings = {}
         for index, setting in enumerate(args.settings):
-            batch, beams = map(int, setting.split("x"))
-            settings[setting] = {"batch": batch, "beams": beams,
+            batch, beams, sample = parse_setting(setting)
+            settings[setting] = {"batch": batch, "beams": beams, "sample": sample,
                                  "rows": prompt_rows(vocab, batch, args.prompt_tokens, seed=index)}
         results = run_interleaved(jobs_for(model_name, export_dir, checkpoint, rivals, args.backends), settings,
                                   args, progress)
@@ -560,8 +570,8 @@ def main(argv: list[str] | None = None) -> int:
             "decode_bytes": {variant: decode_bytes(manifest, variant) for variant in manifest.variants},
             "restricted": {variant: {k: entry["restricted"][k] for k in ("base", "rows", "kept_share", "coverage")}
                            for variant, entry in manifest.variants.items() if entry.get("restricted")},
-            "settings": {k: {"batch": v["batch"], "beams": v["beams"], "prompt_lengths": [len(r) for r in v["rows"]]}
-                         for k, v in settings.items()},
+            "settings": {k: {"batch": v["batch"], "beams": v["beams"], "sample": v["sample"],
+                             "prompt_lengths": [len(r) for r in v["rows"]]} for k, v in settings.items()},
             "backends": results,
         }
         if "xmtf" in args.backends and args.fidelity_prompts > 0 and len(manifest.variants) > 1:

@@ -51,14 +51,14 @@ def main(spec_path: str) -> int:
         backend = BACKENDS[spec["backend"]](spec)
         result["load_seconds"] = time.perf_counter() - started  # imports included, as a user pays them
         result["size_bytes"] = backend.size
-        supports = getattr(backend, "supports", lambda batch, beams: True)
+        supports = getattr(backend, "supports", lambda batch, beams, sample: True)
         for key, setting in spec["settings"].items():
-            rows = setting["rows"]
-            if not supports(len(rows), setting["beams"]):
+            rows, sample = setting["rows"], setting.get("sample", False)
+            if not supports(len(rows), setting["beams"], sample):
                 continue  # llama.cpp: batch 1 greedy only; the table shows – for the rest
             runs = []
             for repeat in range(spec["warmup"] + spec["repeats"]):
-                tokens, first, steps, total = backend.run(rows, setting["beams"], spec["new_tokens"])
+                tokens, first, steps, total = backend.run(rows, setting["beams"], spec["new_tokens"], sample)
                 if repeat >= spec["warmup"]:
                     runs.append({"tokens": tokens, "first_token_seconds": first, "step_seconds": steps,
                                  "total_seconds": total, **getattr(backend, "notes", {})})

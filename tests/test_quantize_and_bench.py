@@ -206,7 +206,7 @@ def test_quantize_refuses_existing_variant_and_unknown_mode(quantized):
 def test_bench_plumbing_on_tiny_models(mt5_checkpoint, bloom_checkpoint, tmp_path):
     from xmtf_onnx.benchmarks.suite import main
 
-    code = main(["--models", f"{mt5_checkpoint},{bloom_checkpoint}", "--settings", "1x1,2x2", "--backends",
+    code = main(["--models", f"{mt5_checkpoint},{bloom_checkpoint}", "--settings", "1x1,2x2,2xsample", "--backends",
                  "xmtf,pytorch", "--new-tokens", "4", "--repeats", "2", "--threads", "1", "--quantize", "int8",
                  "--restrict", "300", "--work-dir", str(tmp_path / "work"), "--out", str(tmp_path), "--no-progress"])
     assert code == 0
@@ -228,6 +228,8 @@ def test_bench_plumbing_on_tiny_models(mt5_checkpoint, bloom_checkpoint, tmp_pat
                 assert entry["tokens_per_second_best"] >= entry["tokens_per_second"] > 0
         fp32 = model["backends"][0]["settings"]
         assert 0 < fp32["1x1"]["screened_share"] <= 1 and "screened_share" not in fp32["2x2"]  # beams: full logits
+        assert "screened_share" not in fp32["2xsample"] and model["settings"]["2xsample"]["sample"]
+        assert {"2xsample"} <= set(model["backends"][-1]["settings"])  # pytorch samples too
     table = (tmp_path / "results.md").read_text()
     assert "Greedy screen" in table and "memory roofline" in table and "Restricted-vocabulary variants" in table
     assert "xmtf int8-dynamic" in table and "pytorch fp32" in table
@@ -236,6 +238,15 @@ def test_bench_plumbing_on_tiny_models(mt5_checkpoint, bloom_checkpoint, tmp_pat
         assert fidelity["steps"] == 16 * 4 and 0.0 <= fidelity["top1_agreement"] <= 1.0
     assert "Fidelity against fp32" in table and "not task accuracy" in table
     assert (tmp_path / "tokens_per_second.png").stat().st_size > 0 and (tmp_path / "peak_rss.png").exists()
+
+
+def test_bench_settings_parse():
+    from xmtf_onnx.benchmarks.suite import parse_setting
+
+    assert parse_setting("8x4") == (8, 4, False) and parse_setting("8xsample") == (8, 1, True)
+    for bad in ("8xsampled", "0x1", "8x0", "x4", "8"):
+        with pytest.raises(ValueError):
+            parse_setting(bad)
 
 
 def test_bench_reexports_when_the_options_change(bloom_checkpoint, tmp_path, monkeypatch):
