@@ -8,8 +8,8 @@ and token choice once for every row. Padding rows to one length would batch the 
 CPU kernels group a sum's terms by position, so a padded row rounds differently and a near-tie of a greedy
 step can flip (measured: 6% of requests on mt0-small); unpadded, a row's numbers are those of generate() alone.
 The output projection, most of a step's bytes for these 250k-token vocabularies, is batched across all rows. A
-sampled row (one prompt, one sequence) carries its own warpers and seeded generator, from which it draws once per
-step as generate() alone does, so it too gets generate()'s tokens whatever shares its batch.
+sampled request's rows share its warpers and seeded generator, from which they draw in generate()'s row order each
+step (a row that finished burning its uniform), so they too get generate()'s tokens whatever shares their batch.
 """
 
 from __future__ import annotations
@@ -33,11 +33,19 @@ SAMPLING_OPTIONS = ("do_sample", "temperature", "top_k", "top_p", "seed")
 
 @dataclasses.dataclass
 class Sampler:
-    """A sampled row's own warpers and random generator. generate() alone, for one prompt and one sequence, draws
-    one uniform from its seeded generator per step; so does the batch, so the row gets the same tokens."""
+    """A sampled request's warpers and seeded generator, shared by its rows (its prompts, each num_return_sequences
+    times, admitted together in generate()'s row order). generate() alone draws one uniform per row per step, in
+    row order, finished rows included, until every row has finished; the batch does the same, a row that left
+    burning its uniform, so every row gets generate()'s tokens."""
 
     config: GenerationConfig
     rng: np.random.Generator
+    rows: int = 0  # rows admitted with it; a row's place among them is its order of admission
+
+    def draw_order(self, present: dict[int, int]) -> list[int | None]:
+        """present: a row's place in the request -> its row in the step. -> the step's rows in the request's row
+        order, None for each row that has left (its uniform is burnt)."""
+        return [present.get(place) for place in range(self.rows)]
 
 
 @dataclasses.dataclass
@@ -49,7 +57,7 @@ class Cohort:
     next_tokens: np.ndarray  # [rows] what each row feeds at the next step
     generated: np.ndarray  # [rows]
     min_tokens: np.ndarray  # [rows]
-    samplers: list[Sampler | None]  # [rows] None: greedy
+    samplers: list[tuple[Sampler, int] | None]  # [rows] the request's sampler and the row's place in it; None: greedy
 
     def take(self, rows: np.ndarray) -> None:
         self.owners = [self.owners[i] for i in rows]
@@ -83,7 +91,8 @@ class ContinuousBatch:
         self.timer = StepTimer()
 
     def sampler(self, **sampling: Any) -> Sampler | None:
-        """A row's sampler from its SAMPLING_OPTIONS over the batch's options (None: the row is greedy)."""
+        """A request's sampler from its SAMPLING_OPTIONS over the batch's options (None: its rows are greedy); give
+        it to admit() for each of the request's rows, in generate()'s row order, in one call."""
         unknown = sorted(set(sampling) - set(SAMPLING_OPTIONS))
         if unknown:
             raise GenerationInputError(f"a row of a continuous batch sets only {', '.join(SAMPLING_OPTIONS)}, "
@@ -102,8 +111,14 @@ class ContinuousBatch:
     def admit(self, prompts: Sequence[Sequence[int]], owners: Sequence[Any], min_tokens: Sequence[int],
               samplers: Sequence[Sampler | None] | None = None) -> np.ndarray:
         """Prefill each prompt (token ids) alone, exactly as generate() prefills it, and add it to the batch
-        -> their first tokens, in the order given. samplers: each row's (sampler()), None for a greedy row."""
-        samplers = [None] * len(owners) if samplers is None else list(samplers)
+        -> their first tokens, in the order given. samplers: each row's request's sampler() (a request's rows in its
+        row order), None for a greedy row."""
+        entries: list[tuple[Sampler, int] | None] = []
+        for sampler in [None] * len(owners) if samplers is None else samplers:
+            entries.append(None if sampler is None else (sampler, sampler.rows))
+            if sampler is not None:
+                sampler.rows += 1
+        samplers = entries
         states, hidden = [], []
         for prompt in self.model._check_ids(list(prompts)):
             ids, mask = self.model._batch([prompt], self.config.pad_token_id)
@@ -167,10 +182,10 @@ class ContinuousBatch:
         self.cohorts = merged
 
     def _select(self, hidden: np.ndarray, generated: np.ndarray, min_tokens: np.ndarray,
-                samplers: list[Sampler | None]) -> np.ndarray:
+                samplers: list[tuple[Sampler, int] | None]) -> np.ndarray:
         """Greedy tokens (through the greedy screen where the variant has one), and for sampled rows a draw from
-        their own warpers and generator over the full head's logits; eos barred from rows still under their
-        minimum length, as min_new_tokens does."""
+        their request's warpers and generator over the full head's logits, in the request's row order (Sampler);
+        eos barred from rows still under their minimum length, as min_new_tokens does."""
         tokens = np.empty(hidden.shape[0], np.int64)
         history = np.zeros((hidden.shape[0], 0), np.int64)  # no processor here reads it
         early = generated < min_tokens
@@ -183,10 +198,18 @@ class ContinuousBatch:
         if rows.size:
             self.timer.full_rows += rows.size
             logits = self.runner.logits(hidden[rows])  # one projection for every sampled row; each row's own
+            requests: dict[int, tuple[Sampler, dict[int, int]]] = {}
             for index, row in enumerate(rows):
-                scores = logits[index:index + 1]
-                if early[row]:
-                    apply_min_new_tokens(scores, 0, self.eos_suppressed, self.runner.vocabulary)
-                columns, _ = sample_columns(scores, samplers[row].config, samplers[row].rng)
-                tokens[row] = token_ids(self.runner.vocabulary, columns)[0]
+                sampler, place = samplers[row]
+                requests.setdefault(id(sampler), (sampler, {}))[1][place] = index
+            for sampler, present in requests.values():
+                for index in sampler.draw_order(present):
+                    if index is None:
+                        sampler.rng.random()  # a row that left: generate() alone still draws for it
+                        continue
+                    row, scores = rows[index], logits[index:index + 1]
+                    if early[row]:
+                        apply_min_new_tokens(scores, 0, self.eos_suppressed, self.runner.vocabulary)
+                    columns, _ = sample_columns(scores, sampler.config, sampler.rng)
+                    tokens[row] = token_ids(self.runner.vocabulary, columns)[0]
         return tokens

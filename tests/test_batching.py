@@ -113,6 +113,32 @@ def test_sampled_rows_joining_a_batch_equal_generate_alone(family, variant, tmp_
     assert other.sequences[0] != got[0], "another seed should draw other tokens on a random model"
 
 
+def test_a_sampled_request_of_several_sequences_equals_generate_alone(family):
+    """One prompt, n = 3 sequences sharing the request's seeded generator, admitted beside a greedy row: the rows
+    draw in generate()'s row order, and a row that finishes first (a forced eos cut) keeps burning its uniform as
+    generate() alone keeps drawing for it, so the others stay equal to generate(num_return_sequences=3)."""
+    model = load(family["export"])
+    if not model.batch_invariant:
+        pytest.skip(f"batch-variant on this machine ({model.batch_variance})")
+    prompt, other = _prompts(family, model, 2)
+    options = dict(do_sample=True, seed=21, temperature=0.9, top_k=20)
+    expected = model.generate(input_ids=[prompt], max_new_tokens=8, min_new_tokens=8, num_return_sequences=3,
+                              **options).sequences
+    batch = model.continuous_batch()
+    sampler = batch.sampler(**options)
+    got = {index: [int(t)] for index, t in zip(range(3), batch.admit([prompt] * 3, [0, 1, 2], [8] * 3,
+                                                                      [sampler] * 3))}
+    got[3] = [int(batch.admit([other], [3], [0])[0])]
+    while batch.rows:
+        cut = {0: 3, 1: 8, 2: 5, 3: 4}  # rows leave at these lengths (a client's stop, or cancelled)
+        batch.keep(np.array([len(got[i]) < cut[i] for i in batch.owners]))
+        if batch.rows:
+            for index, token in zip(batch.owners, batch.step()):
+                got[index].append(int(token))
+    assert [got[i] for i in range(3)] == [expected[0][:3], expected[1], expected[2][:5]]
+    assert len(set(map(tuple, expected))) > 1, "three draws from one seed should differ on a random model"
+
+
 def test_continuous_batch_refuses_what_it_cannot_do(family):
     model = load(family["export"])
     for options in (dict(do_sample=True), dict(num_beams=2), dict(repetition_penalty=1.2)):

@@ -134,26 +134,28 @@ def test_concurrent_clients_with_mixed_options_get_their_own_answers(served):
 
 
 def test_sampled_and_greedy_requests_share_batches_and_equal_generate_alone(served):
-    """Seeded sampled requests of one prompt join the running batch beside greedy ones (each with its own
+    """Seeded sampled requests of one prompt (n 1 or 2) join the running batch beside greedy ones (each with its own
     temperature, top-p, top-k): each answer equals generate() of that request alone, and batches held several."""
     running, model = served
     prompts = sample_prompts(8)
     jobs = [dict({"prompt": p, "max_tokens": 6 + i % 3},
                  **({"temperature": 0.6 + 0.2 * (i % 3), "seed": i, "top_p": 0.9} if i % 2 else {}),
-                 **({"top_k": 5} if i % 4 == 1 else {})) for i, p in enumerate(prompts)]
+                 **({"top_k": 5} if i % 4 == 1 else {}), **({"n": 2} if i % 4 == 3 else {}))
+            for i, p in enumerate(prompts)]
     alone = [model.generate(p, max_new_tokens=j["max_tokens"], do_sample="seed" in j, seed=j.get("seed"),
-                            temperature=j.get("temperature"), top_p=j.get("top_p"), top_k=j.get("top_k"))
+                            temperature=j.get("temperature"), top_p=j.get("top_p"), top_k=j.get("top_k"),
+                            num_return_sequences=j.get("n", 1))
              for p, j in zip(prompts, jobs)]
     with ThreadPoolExecutor(8) as pool:
         answers = list(pool.map(lambda job: running.post(job).json(), jobs))
         for answer, expected in zip(answers, alone):
-            assert answer["choices"][0]["token_ids"] == expected.sequences[0]
+            assert [c["token_ids"] for c in answer["choices"]] == expected.sequences
         sampled = [(job, expected) for job, expected in zip(jobs, alone) if "seed" in job]
         before = _batch_size_samples(running)
         answers = list(pool.map(lambda job: running.post(job).json(), [job for job, _ in sampled] * 2))
         after = _batch_size_samples(running)
     for answer, (_, expected) in zip(answers, sampled * 2):
-        assert answer["choices"][0]["token_ids"] == expected.sequences[0]
+        assert [c["token_ids"] for c in answer["choices"]] == expected.sequences
     assert after["count"] - before["count"] > after["le1"] - before["le1"], "sampled requests should share steps"
 
 

@@ -5,9 +5,9 @@ running batch (each prompt prefilled alone, as generate() would; at most max_pre
 between two steps, so a burst joins over a few steps) and finished or cancelled rows leave it, so a short
 request never waits for a long one. By default rows are never padded (runtime/batching.py: cohorts of one
 cache length), so a request's answer is what generate() gives it alone; `padded` puts every row in one padded
-decoder run, faster but not bit-exact. A sampled request of one prompt and one sequence joins the batch too, with
+decoder run, faster but not bit-exact. A sampled request of one prompt (n sequences) joins the batch too, with
 its own warpers and seeded generator (a seeded request is reproducible, and equals generate() alone); beam search
-and sampling with several prompts or n > 1 run alone between batches. Variants whose rows depend on their
+and sampling from several prompts run alone between batches. Variants whose rows depend on their
 batch-mates (int8-dynamic: one activation scale per batch; weight-only variants where this machine's kernels compute
 one row by another path than several: Model.batch_variance) run every request alone, unless `padded` was asked
 for. Every wait here is bounded; the HTTP side owns deadlines and cancels.
@@ -60,13 +60,15 @@ class Request:
 
     @property
     def continuous(self) -> bool:
-        """Can it join a running batch? One sequence per prompt, no history-dependent processor, no scores, and
-        greedy, or sampled with one prompt (generate() draws its rows in turn from one generator: only a lone row
-        draws alike in a batch). do_sample is explicit here (Engine.submit fills in the model's default)."""
+        """Can it join a running batch? No beams, no history-dependent processor, no scores, and greedy with one
+        sequence per prompt, or sampled from one prompt (n sequences: generate() alone does not pad one prompt's
+        copies, as it pads several prompts to one length). do_sample is explicit here (Engine.submit fills in the
+        model's default)."""
         options = self.options
-        return (options.get("num_beams", 1) == 1 and self.n == 1 and not self.logprobs
+        sampled = bool(options.get("do_sample"))
+        return (options.get("num_beams", 1) == 1 and not self.logprobs
                 and options.get("repetition_penalty", 1.0) == 1.0 and not options.get("no_repeat_ngram_size")
-                and (not options.get("do_sample") or len(self.rows) == 1))
+                and (len(self.rows) == 1 if sampled else self.n == 1))
 
     def key(self) -> tuple:
         """Requests with equal keys share a batch: everything but the max and min tokens and the sampling options
@@ -190,13 +192,13 @@ class Engine:
             if request.cancelled:
                 self._pending.remove(request)
             elif request.continuous and request.key() == self.batch_key:
-                tokens = sum(map(len, request.rows))
-                if (rows + len(request.rows) > self.max_batch_size and (rows or admit)) or \
+                tokens = sum(map(len, request.rows)) * request.n  # each sequence prefilled alone
+                if (rows + request.sequences > self.max_batch_size and (rows or admit)) or \
                         (prefill + tokens > self.max_prefill_tokens and admit):
                     break
                 self._pending.remove(request)
                 admit.append(request)
-                rows += len(request.rows)
+                rows += request.sequences
                 prefill += tokens
             else:
                 break  # keep arrival order: later requests do not overtake an incompatible one
@@ -223,9 +225,9 @@ class Engine:
         for request in requests:
             request.begin()
             sampler = self.batch.sampler(**{k: v for k, v in request.options.items() if k in SAMPLING_OPTIONS})
-            for index, row in enumerate(request.rows):
+            for index in range(request.sequences):  # generate()'s row order: each prompt n times
                 owners.append((request, index))
-                prompts.append(row)
+                prompts.append(request.rows[index // request.n])
                 minimum.append(request.options.get("min_new_tokens", 0))
                 samplers.append(sampler)
         tokens = self.batch.admit(prompts, owners, minimum, samplers)
