@@ -334,10 +334,13 @@ def build_parser() -> argparse.ArgumentParser:
         "serve", help="an OpenAI-compatible HTTP server over an exported folder (the serve extra)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Serve MODEL_DIR: POST /v1/completions (OpenAI's completions API; stream: true for SSE), GET\n"
-                    "/v1/models, /health, /ready, /metrics (Prometheus). Requests that arrive together and differ only\n"
-                    "in max_tokens and stop are batched into one decoder run per step; each is answered as soon as its\n"
-                    "own rows finish. A field a request leaves out takes the export's generation defaults (greedy), not\n"
-                    "OpenAI's; temperature 0 is greedy. Binds 127.0.0.1 unless --host says otherwise.",
+                    "/v1/models, /health, /ready, /metrics (Prometheus). Requests join a running batch between decode\n"
+                    "steps and leave it when done — greedy ones, and sampled ones of one prompt (each with its own\n"
+                    "temperature, top-p, top-k, seed and n) — each answered as generate() would answer it alone; beams,\n"
+                    "logprobs and repetition penalties run alone between batches, and so does every request of a variant\n"
+                    "this machine computes differently alone and batched (the server says so at start). A field a\n"
+                    "request leaves out takes the export's generation defaults (greedy), not OpenAI's; temperature 0\n"
+                    "is greedy. Binds 127.0.0.1 unless --host says otherwise.",
         epilog="examples:\n"
                "  xmtf-onnx serve exported/mt0-small --port 8000\n"
                "  curl -s localhost:8000/v1/completions -H 'Content-Type: application/json' \\\n"
