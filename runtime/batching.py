@@ -19,7 +19,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .errors import GenerationInputError
+from .errors import GenerationInputError, InferenceError
 from .generation import GenerationConfig, StepTimer, apply_min_new_tokens, greedy_tokens, sample_columns, token_ids
 
 # prompt tokens a server prefills between two decode steps (at least one request's): a burst of arrivals joins over
@@ -89,6 +89,9 @@ class ContinuousBatch:
         self.cohorts: list[Cohort] = []
         self.padded = padded
         self.timer = StepTimer()
+        # the owners of rows whose request's draw failed in the latest admit() or step() (a row of NaN scores), with
+        # why: their tokens are meaningless; the caller drops them (keep) and answers their requests with the error
+        self.failures: list[tuple[Any, str]] = []
 
     def sampler(self, **sampling: Any) -> Sampler | None:
         """A request's sampler from its SAMPLING_OPTIONS over the batch's options (None: its rows are greedy); give
@@ -126,7 +129,8 @@ class ContinuousBatch:
             hidden.append(self.runner.prefill(state))  # [1, d]
             states.append(state)
         minimum = np.asarray(min_tokens, np.int64)
-        tokens = self._select(np.concatenate(hidden), np.zeros(len(owners), np.int64), minimum, samplers)
+        tokens = self._select(np.concatenate(hidden), np.zeros(len(owners), np.int64), minimum, samplers,
+                              list(owners))
         for index, state in enumerate(states):
             self.cohorts.append(Cohort(state, [owners[index]], tokens[index:index + 1], np.ones(1, np.int64),
                                        minimum[index:index + 1], [samplers[index]]))
@@ -139,7 +143,7 @@ class ContinuousBatch:
                                  for c in self.cohorts])  # [rows, d]
         generated = np.concatenate([c.generated for c in self.cohorts])
         tokens = self._select(hidden, generated, np.concatenate([c.min_tokens for c in self.cohorts]),
-                              [sampler for c in self.cohorts for sampler in c.samplers])
+                              [sampler for c in self.cohorts for sampler in c.samplers], self.owners)
         start = 0
         for cohort in self.cohorts:
             end = start + len(cohort.owners)
@@ -182,10 +186,12 @@ class ContinuousBatch:
         self.cohorts = merged
 
     def _select(self, hidden: np.ndarray, generated: np.ndarray, min_tokens: np.ndarray,
-                samplers: list[tuple[Sampler, int] | None]) -> np.ndarray:
+                samplers: list[tuple[Sampler, int] | None], owners: list[Any]) -> np.ndarray:
         """Greedy tokens (through the greedy screen where the variant has one), and for sampled rows a draw from
         their request's warpers and generator over the full head's logits, in the request's row order (Sampler);
-        eos barred from rows still under their minimum length, as min_new_tokens does."""
+        eos barred from rows still under their minimum length, as min_new_tokens does. A request whose draw fails
+        (InferenceError: NaN scores) goes to self.failures, its batch-mates unaffected."""
+        self.failures = []
         tokens = np.empty(hidden.shape[0], np.int64)
         history = np.zeros((hidden.shape[0], 0), np.int64)  # no processor here reads it
         early = generated < min_tokens
@@ -203,13 +209,18 @@ class ContinuousBatch:
                 sampler, place = samplers[row]
                 requests.setdefault(id(sampler), (sampler, {}))[1][place] = index
             for sampler, present in requests.values():
-                for index in sampler.draw_order(present):
-                    if index is None:
-                        sampler.rng.random()  # a row that left: generate() alone still draws for it
-                        continue
-                    row, scores = rows[index], logits[index:index + 1]
-                    if early[row]:
-                        apply_min_new_tokens(scores, 0, self.eos_suppressed, self.runner.vocabulary)
-                    columns, _ = sample_columns(scores, sampler.config, sampler.rng)
-                    tokens[row] = token_ids(self.runner.vocabulary, columns)[0]
+                try:
+                    for index in sampler.draw_order(present):
+                        if index is None:
+                            sampler.rng.random()  # a row that left: generate() alone still draws for it
+                            continue
+                        row, scores = rows[index], logits[index:index + 1]
+                        if early[row]:
+                            apply_min_new_tokens(scores, 0, self.eos_suppressed, self.runner.vocabulary)
+                        columns, _ = sample_columns(scores, sampler.config, sampler.rng)
+                        tokens[row] = token_ids(self.runner.vocabulary, columns)[0]
+                except InferenceError as e:
+                    failed = rows[list(present.values())]
+                    tokens[failed] = self.config.pad_token_id
+                    self.failures += [(owners[row], str(e)) for row in failed]
         return tokens

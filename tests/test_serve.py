@@ -159,6 +159,46 @@ def test_sampled_and_greedy_requests_share_batches_and_equal_generate_alone(serv
     assert after["count"] - before["count"] > after["le1"] - before["le1"], "sampled requests should share steps"
 
 
+def test_a_sampled_request_whose_draw_fails_gets_its_error_and_its_batch_mates_go_on(bloom_export, monkeypatch):
+    """A row of NaN scores makes a draw fail (InferenceError): that request alone is answered 500 with the message;
+    the sampled and greedy requests sharing its steps still get generate()'s answers."""
+    from xmtf_onnx.runtime import batching
+    from xmtf_onnx.runtime.errors import InferenceError
+
+    model = load(bloom_export)
+    if not model.batch_invariant:
+        pytest.skip(f"batch-variant on this machine ({model.batch_variance})")
+    draw = batching.sample_columns
+
+    def poisoned(scores, config, rng, *rest):
+        if config.seed == 13:
+            raise InferenceError("the model's scores for a row are NaN (a test)")
+        return draw(scores, config, rng, *rest)
+    monkeypatch.setattr(batching, "sample_columns", poisoned)
+    prompts = sample_prompts(3)
+    long = {"prompt": prompts[2], "max_tokens": 300, "min_tokens": 300, "stream": True}
+    started, pieces = threading.Event(), []
+    with Running(bloom_export) as running:
+        def stream_long():  # a greedy request running while the others join its batch
+            with httpx.stream("POST", f"{running.url}/v1/completions", json=long, timeout=120) as response:
+                for line in response.iter_lines():
+                    if line.startswith("data: {"):
+                        pieces.extend(c["text"] for c in json.loads(line[6:])["choices"])
+                        started.set()
+        thread = threading.Thread(target=stream_long)
+        thread.start()
+        assert started.wait(30)
+        with ThreadPoolExecutor(2) as pool:
+            failed, sampled = pool.map(running.post, [
+                {"prompt": prompts[0], "max_tokens": 8, "temperature": 0.7, "seed": 13},
+                {"prompt": prompts[1], "max_tokens": 8, "temperature": 0.7, "seed": 5}])
+        thread.join(120)
+    assert failed.status_code == 500 and "NaN (a test)" in failed.json()["error"]["message"]
+    assert sampled.json()["choices"][0]["token_ids"] == model.generate(
+        prompts[1], max_new_tokens=8, do_sample=True, temperature=0.7, seed=5).sequences[0]
+    assert "".join(pieces) == model.generate(prompts[2], max_new_tokens=300, min_new_tokens=300).texts[0]
+
+
 def _batch_size_samples(running) -> dict:
     samples = [s for f in text_string_to_metric_families(httpx.get(f"{running.url}/metrics").text)
                if f.name == "xmtf_batch_size" for s in f.samples]

@@ -239,8 +239,13 @@ class Engine:
         self._deliver(list(self.batch.owners), self.batch.step())
 
     def _deliver(self, owners: list, tokens) -> None:
-        """Each row's new token to its request; requests told (step / done); finished and cancelled rows leave."""
+        """Each row's new token to its request; requests told (step / done); finished and cancelled rows leave, and
+        so do the rows of a request whose draw failed (its error is its answer; its batch-mates go on)."""
         now = time.monotonic()
+        for request in {id(r): r for (r, _), _ in self.batch.failures}.values():
+            if not request.cancelled:
+                request.send("error", (500, next(why for (r, _), why in self.batch.failures if r is request)))
+                request.cancelled = True  # its rows leave below; it is answered
         requests = {}
         for (request, index), token in zip(owners, tokens):
             requests[id(request)] = request
