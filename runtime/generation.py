@@ -218,21 +218,26 @@ TOP_K_SAMPLE = 4096  # columns of each row a sampled top-k looks at to set its t
 TOP_P_MARGIN = 1e-4
 
 
+def sample_threshold(scores: np.ndarray, k: int) -> np.ndarray | None:
+    """[rows, columns] -> per row, the k-th largest of an evenly spaced sample of TOP_K_SAMPLE columns [rows]: at
+    most the row's k-th largest, so the columns at or above it (about k x columns / TOP_K_SAMPLE) hold the row's
+    best k, ties included. None when the sample is no longer than k. NaN sorts last: a NaN row's threshold is NaN."""
+    sample = scores[:, ::max(1, scores.shape[1] // TOP_K_SAMPLE)]
+    return np.partition(sample, sample.shape[1] - k, axis=1)[:, sample.shape[1] - k] if sample.shape[1] > k else None
+
+
 def _kth_largest(row: np.ndarray, k: int) -> np.float32:
-    """The k-th largest of row [columns] (finite maximum), from the few hundred columns at or above the k-th largest
-    of an evenly spaced sample (at most the row's: see sampled_top_k) rather than a partition of the whole row."""
-    stride = max(1, row.size // TOP_K_SAMPLE)
-    sample = row[::stride]
-    if sample.size > k:
-        above = row[row >= np.partition(sample, sample.size - k)[sample.size - k]]
-        return np.partition(above, above.size - k)[above.size - k]
-    return np.partition(row, row.size - k)[row.size - k]
+    """The k-th largest of row [columns] (finite maximum), partitioning only the columns at or above the sample's
+    threshold (sample_threshold) rather than the whole row."""
+    threshold = sample_threshold(row[None], k)
+    above = row if threshold is None else row[row >= threshold[0]]
+    return np.partition(above, above.size - k)[above.size - k]
 
 
-def sampling_distribution(row: np.ndarray, config: GenerationConfig) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
+def sampling_distribution(row: np.ndarray, config: GenerationConfig) -> tuple[np.ndarray | None, np.ndarray]:
     """What sampling draws from, for one row of processed scores [columns] float32: transformers' temperature, top-k
-    and top-p warpers, then softmax -> (the columns left, ascending, or None for every column; their warped scores,
-    float32, the row's maximum among them; their probabilities, float64, summing to 1).
+    and top-p warpers, then softmax -> (the columns left, ascending, or None for every column; their probabilities,
+    float64, summing to 1).
 
     The same columns and probabilities as softmax(warp(row)) (`warp` below, which the tests hold to transformers),
     without sorting or exponentiating the whole row: top-k keeps the columns at or above the k-th largest (ties
@@ -263,7 +268,7 @@ def sampling_distribution(row: np.ndarray, config: GenerationConfig) -> tuple[np
         kept = np.sort(order[~remove])
         columns, values = (kept if columns is None else columns[kept]), values[kept]
     probabilities = np.exp(values.astype(np.float64) - np.float64(maximum))
-    return columns, values, probabilities / probabilities.sum()
+    return columns, probabilities / probabilities.sum()
 
 
 def draw(probabilities: np.ndarray, rng: np.random.Generator) -> int:
@@ -282,13 +287,11 @@ def sample_columns(scores: np.ndarray, config: GenerationConfig, rng: np.random.
     columns = np.empty(rows, np.int64)
     log_probs = np.empty(rows, np.float32) if with_log_probs else None
     for row in range(rows):
-        kept, values, probabilities = sampling_distribution(scores[row], config)
+        kept, probabilities = sampling_distribution(scores[row], config)
         drawn = draw(probabilities, rng)
         columns[row] = drawn if kept is None else kept[drawn]
-        if with_log_probs:  # log_softmax of the warped row, whose other columns are -inf; the maximum is always kept
-            maximum = values.max()
-            log_probs[row] = (values[drawn] - maximum) - np.log(
-                np.exp(np.maximum(values - maximum, EXP_FLOOR)).sum(dtype=np.float32))
+        if with_log_probs:  # log_softmax of the warped row: its other columns are -inf
+            log_probs[row] = np.log(probabilities[drawn])
     return columns, log_probs
 
 
@@ -359,17 +362,12 @@ def sampled_top_k(scores: np.ndarray, k: int, threads: int | None = None) -> tup
     onnxruntime's TopK -> (values, column indices), [rows, k] each; None when the sample meets a NaN (a row of NaN
     log-probs: the caller ranks it another way, and reports it) or a row is no longer than k.
 
-    Exact: the k-th largest of an evenly spaced sample of a row is at most the row's k-th largest, so the columns at
-    or above it (about k x columns / TOP_K_SAMPLE of them) hold the row's best k, ties included, and only those are
-    sorted. Rows in blocks of 4 on `threads` host threads (numpy's compare and nonzero release the GIL)."""
+    Exact: only the columns at or above each row's sample_threshold are sorted. Rows in blocks of 4 on `threads`
+    host threads (numpy's compare and nonzero release the GIL)."""
     rows, columns = scores.shape
     k = min(k, columns)
-    stride = max(1, columns // TOP_K_SAMPLE)
-    sample = scores[:, ::stride]
-    if sample.shape[1] <= k:
-        return None
-    threshold = np.partition(sample, sample.shape[1] - k, axis=1)[:, sample.shape[1] - k]  # NaN sorts last: found
-    if np.isnan(threshold).any():
+    threshold = sample_threshold(scores, k)
+    if threshold is None or np.isnan(threshold).any():
         return None
     values = np.empty((rows, k), np.float32)
     indices = np.empty((rows, k), np.int64)

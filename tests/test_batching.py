@@ -10,11 +10,9 @@ from xmtf_onnx.runtime import GenerationInputError, load
 from test_generate import _prompts
 
 
-@pytest.mark.parametrize("variant", ["fp32", "int8-weight", "int4-weight"])
-def test_rows_joining_and_leaving_equal_generate_alone(family, variant, tmp_path):
-    """fp32 and the weight-only variants, where this machine computes their rows alike alone and batched
-    (Model.batch_invariant; MatMulNBits quantizes each row's activations alone, but may take another path for one
-    row); int8-dynamic quantizes a whole batch's activations with one scale, so it is not (the server knows)."""
+def _batch_invariant_model(family, variant: str, tmp_path):
+    """The family's tiny model in `variant` (exported here unless fp32); the test is skipped where this machine
+    computes its rows differently alone and batched, since the server then does not batch it."""
     folder = family["export"]
     if variant != "fp32":
         from xmtf_onnx.export import export
@@ -23,6 +21,15 @@ def test_rows_joining_and_leaving_equal_generate_alone(family, variant, tmp_path
     model = load(folder)
     if not model.batch_invariant:
         pytest.skip(f"{variant} is batch-variant on this machine ({model.batch_variance}): the server runs it alone")
+    return model
+
+
+@pytest.mark.parametrize("variant", ["fp32", "int8-weight", "int4-weight"])
+def test_rows_joining_and_leaving_equal_generate_alone(family, variant, tmp_path):
+    """fp32 and the weight-only variants, where this machine computes their rows alike alone and batched
+    (Model.batch_invariant; MatMulNBits quantizes each row's activations alone, but may take another path for one
+    row); int8-dynamic quantizes a whole batch's activations with one scale, so it is not (the server knows)."""
+    model = _batch_invariant_model(family, variant, tmp_path)
     prompts = _prompts(family, model, 5)
     eos = model.tokens["eos_token_id"]
     lengths, minimum = [9, 4, 12, 6, 7], [0, 4, 12, 0, 3]
@@ -71,14 +78,7 @@ def test_sampled_rows_joining_a_batch_equal_generate_alone(family, variant, tmp_
     """Sampled rows, each with its own seed and warpers, join and leave a batch beside greedy rows: every row gets
     the tokens generate() gives that one prompt alone with the same options (one draw from its seeded generator
     per step), and two rows of one seed and prompt agree while a different seed differs."""
-    folder = family["export"]
-    if variant != "fp32":
-        from xmtf_onnx.export import export
-
-        folder = export(str(family["checkpoint"]), tmp_path / variant, quantize=[variant], fp32=False, progress=False)
-    model = load(folder)
-    if not model.batch_invariant:
-        pytest.skip(f"{variant} is batch-variant on this machine ({model.batch_variance}): the server runs it alone")
+    model = _batch_invariant_model(family, variant, tmp_path)
     prompts = _prompts(family, model, 5)
     prompts[4] = prompts[0]
     lengths, minimum = [10, 6, 9, 8, 10], [10, 0, 2, 8, 10]
@@ -113,13 +113,11 @@ def test_sampled_rows_joining_a_batch_equal_generate_alone(family, variant, tmp_
     assert other.sequences[0] != got[0], "another seed should draw other tokens on a random model"
 
 
-def test_a_sampled_request_of_several_sequences_equals_generate_alone(family):
+def test_a_sampled_request_of_several_sequences_equals_generate_alone(family, tmp_path):
     """One prompt, n = 3 sequences sharing the request's seeded generator, admitted beside a greedy row: the rows
     draw in generate()'s row order, and a row that finishes first (a forced eos cut) keeps burning its uniform as
     generate() alone keeps drawing for it, so the others stay equal to generate(num_return_sequences=3)."""
-    model = load(family["export"])
-    if not model.batch_invariant:
-        pytest.skip(f"batch-variant on this machine ({model.batch_variance})")
+    model = _batch_invariant_model(family, "fp32", tmp_path)
     prompt, other = _prompts(family, model, 2)
     options = dict(do_sample=True, seed=21, temperature=0.9, top_k=20)
     expected = model.generate(input_ids=[prompt], max_new_tokens=8, min_new_tokens=8, num_return_sequences=3,

@@ -325,7 +325,7 @@ def test_sampling_distribution_equals_softmax_of_the_warped_row(options):
     scores = _warp_rows(1)
     reference = softmax(warp(scores.copy(), config).astype(np.float64))
     for row in range(scores.shape[0]):
-        columns, values, probabilities = sampling_distribution(scores[row], config)
+        columns, probabilities = sampling_distribution(scores[row], config)
         columns = np.arange(scores.shape[1]) if columns is None else columns
         np.testing.assert_array_equal(columns[probabilities > 0], np.flatnonzero(reference[row] > 0))
         np.testing.assert_allclose(probabilities, reference[row][columns], rtol=1e-6, atol=1e-12)

@@ -160,8 +160,8 @@ class Engine:
                 self._observe_queue()
             involved = admit + alone + [r for r, _ in (self.batch.owners if self.batch else [])]
             try:
-                if alone:
-                    self._run(alone)
+                for request in alone:
+                    self._run(request)
                 if admit:
                     self._admit(admit)
                 if self._rows():
@@ -242,9 +242,10 @@ class Engine:
         """Each row's new token to its request; requests told (step / done); finished and cancelled rows leave, and
         so do the rows of a request whose draw failed (its error is its answer; its batch-mates go on)."""
         now = time.monotonic()
-        for request in {id(r): r for (r, _), _ in self.batch.failures}.values():
+        failed = {id(request): (request, why) for (request, _), why in self.batch.failures}
+        for request, why in failed.values():
             if not request.cancelled:
-                request.send("error", (500, next(why for (r, _), why in self.batch.failures if r is request)))
+                request.send("error", (500, why))
                 request.cancelled = True  # its rows leave below; it is answered
         requests = {}
         for (request, index), token in zip(owners, tokens):
@@ -258,36 +259,24 @@ class Engine:
 
     # ---- requests that do not join a running batch: sampling, beams, batch-dependent variants ----
 
-    def _run(self, batch: list[Request]) -> None:
+    def _run(self, request: Request) -> None:
         if self.metrics is not None:
-            self.metrics.batch_size.observe(sum(r.sequences for r in batch))
-        if batch[0].options.get("num_beams", 1) > 1:
-            return self._run_beams(batch[0])
-        options = dict(batch[0].options, max_new_tokens=max(r.options["max_new_tokens"] for r in batch),
-                       num_return_sequences=batch[0].n, output_scores=batch[0].logprobs)
-        rows = [row for request in batch for row in request.rows]
-        owners = [(request, index) for request in batch for index in range(request.sequences)]
-        for request in batch:
-            request.begin()
-        active = set(map(id, batch))
-        steps = self.model.steps(rows, **options)
+            self.metrics.batch_size.observe(request.sequences)
+        if request.options.get("num_beams", 1) > 1:
+            return self._run_beams(request)
+        options = dict(request.options, num_return_sequences=request.n, output_scores=request.logprobs)
+        request.begin()
+        steps = self.model.steps(request.rows, **options)
         try:
             for tokens, running, scores in steps:
-                now = time.monotonic()
-                for row, (request, index) in enumerate(owners):
-                    if id(request) in active and running[row]:
-                        self._append(request, index, tokens[row], None if scores is None else scores[row])
-                for request in batch:
-                    if id(request) in active and self._tell(request, now):
-                        active.discard(id(request))
-                if not active:
-                    break
+                for index in np.flatnonzero(running):
+                    self._append(request, index, tokens[index], None if scores is None else scores[index])
+                if self._tell(request, time.monotonic()):
+                    return
         finally:
             steps.close()
-        for request in batch:  # rows the model ended together (max_new_tokens of the batch)
-            if id(request) in active:
-                request.finish = [f or "length" for f in request.finish]
-                request.send("done")
+        request.finish = [f or "length" for f in request.finish]  # rows the model ended together (max_new_tokens)
+        request.send("done")
 
     def _append(self, request: Request, index: int, token: int, score: float | None = None) -> None:
         """A sequence's new token (and log-probability), unless it has finished or its request was cancelled."""
